@@ -1,0 +1,47 @@
+"""favorcore: FAVOR attention (Performer random features) for every array framework.
+
+The core is written once against the Python Array API standard and runs on any namespace
+that array-api-compat supports: NumPy, CuPy, PyTorch, JAX, Dask and array-api-strict.
+
+>>> import numpy as np
+>>> import favorcore as fc
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((8, 512, 64)).astype(np.float32) for _ in range(3))
+>>> out = fc.favor_attention(q, k, v, features=fc.PositiveFeatures(m=256, seed=0), causal=True)
+>>> out.shape, out.dtype
+((8, 512, 64), dtype('float32'))
+"""
+
+from .attention import (
+    DEFAULT_CHUNK_SIZE,
+    CausalState,
+    favor_attention,
+    linear_attention,
+    softmax_attention,
+)
+from .features import (
+    FeatureMap,
+    GeneralizedFeatures,
+    PositiveFeatures,
+    TrigonometricFeatures,
+    hyperbolic_features,
+)
+from .projection import draw_projection, projection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "CausalState",
+    "FeatureMap",
+    "GeneralizedFeatures",
+    "PositiveFeatures",
+    "TrigonometricFeatures",
+    "__version__",
+    "draw_projection",
+    "favor_attention",
+    "hyperbolic_features",
+    "linear_attention",
+    "projection",
+    "softmax_attention",
+]

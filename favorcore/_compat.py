@@ -1,0 +1,99 @@
+"""The one seam between favorcore and array-api-compat.
+
+Everything the core needs to know about a caller's array framework goes through this
+module: which namespace an array belongs to, on which device it lives, which dtype the
+computation runs in, whether its values can be read eagerly, and how to mark a value as
+a constant for autograd. No framework is imported here; a framework-specific branch runs
+only for arrays of a framework the caller has already imported.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+Array = Any
+"""Any array of a namespace that array-api-compat supports (typing stand-in)."""
+
+__all__ = [
+    "Array",
+    "compute_dtype",
+    "device",
+    "from_host",
+    "is_eager",
+    "is_floating",
+    "namespace",
+    "stop_gradient",
+]
+
+
+def namespace(**arrays: Array | None) -> ModuleType:
+    """Return the Array API namespace shared by the named arrays (``None`` is skipped).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or if the arrays come from more than one
+        framework; the message names every argument and its type.
+    """
+    present = {name: a for name, a in arrays.items() if a is not None}
+    for name, a in present.items():
+        if not array_api_compat.is_array_api_obj(a):
+            raise TypeError(f"{name} must be an array, got {type(a).__module__}.{type(a).__name__}")
+    try:
+        return array_api_compat.array_namespace(*present.values())
+    except TypeError as exc:
+        kinds = ", ".join(f"{n}: {type(a).__module__}.{type(a).__name__}" for n, a in present.items())
+        raise TypeError(
+            f"arrays from more than one array framework in one call ({kinds}); "
+            "convert them to one framework first"
+        ) from exc
+
+
+def device(x: Array) -> Any:
+    """Device of ``x`` (array-api-compat's portable ``device``)."""
+    return array_api_compat.device(x)
+
+
+def is_floating(xp: ModuleType, dtype: Any) -> bool:
+    """True for real floating dtypes, float16 and bfloat16 included where the namespace has them."""
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError):
+        return False
+
+
+def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
+    """The dtype the core computes in: ``result_type(dtype, float32)``.
+
+    float16 and bfloat16 inputs compute in float32, float32 in float32, float64 in float64.
+    """
+    return xp.result_type(dtype, xp.float32)
+
+
+def is_eager(x: Array) -> bool:
+    """True when the values of ``x`` can be read now (not a JAX tracer, not a Dask graph)."""
+    return not array_api_compat.is_lazy_array(x)
+
+
+def stop_gradient(xp: ModuleType, x: Array) -> Array:
+    """Treat ``x`` as a constant for automatic differentiation.
+
+    ``detach`` for PyTorch, ``jax.lax.stop_gradient`` for JAX, the identity elsewhere
+    (NumPy, CuPy, Dask and array-api-strict have no autograd).
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        return x.detach()
+    if array_api_compat.is_jax_namespace(xp):
+        import jax  # the caller's arrays are JAX arrays, so JAX is already imported
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def from_host(xp: ModuleType, host: np.ndarray, *, dtype: Any, device: Any) -> Array:
+    """Copy a host NumPy array into namespace ``xp`` with the given dtype and device."""
+    return xp.asarray(host, dtype=dtype, device=device)

@@ -1,0 +1,470 @@
+r"""Linear (FAVOR) attention, bidirectional and causal, and exact softmax attention.
+
+Shapes follow PyTorch's ``scaled_dot_product_attention``: ``q`` is ``(..., Lq, d)``,
+``k`` is ``(..., Lk, d)``, ``v`` is ``(..., Lk, dv)``, with any leading batch/head
+dimensions that broadcast. ``key_mask`` is boolean, **True = attend**, broadcastable to
+``q.shape[:-2] + (Lk,)``; masked keys are removed with ``where`` (never multiplied), so
+padding may hold anything, NaN included, and a query with no valid key returns 0.
+
+The normaliser comes out of the same matmul as the numerator: ``[v | 1]`` is multiplied
+by the features, and its last column is the denominator.
+
+Causal attention uses chunked prefix sums (DESIGN.md section 4). Within a chunk of ``C``
+positions the masked ``C x C`` product is used; across chunks, the per-chunk sums
+``phi(K_c)^T [V_c | 1]`` are prefix-summed with one ``cumulative_sum``. A running
+:class:`CausalState` carries the sums from one call to the next, so a long sequence can be
+processed in pieces (prefill, streaming, one-token decoding) with the same result as one
+call.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from ._compat import Array, compute_dtype, device, is_floating, namespace
+from .features import FeatureMap
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "CausalState",
+    "favor_attention",
+    "linear_attention",
+    "softmax_attention",
+]
+
+#: Chunk length of causal attention when ``chunk_size`` is not given. Measured with
+#: ``python -m favorcore chunks`` (NumPy, 2 cores, d = 64, m = 256); see the docs.
+DEFAULT_CHUNK_SIZE = 128
+
+
+class CausalState(NamedTuple):
+    """Running sums of causal linear attention, carried between calls.
+
+    ``kv[..., :dv]`` is ``sum_j phi(k_j) v_j^T`` and ``kv[..., dv]`` is ``sum_j phi(k_j)``
+    over the keys seen so far; shape ``batch + (m, dv + 1)``, in the compute dtype
+    (float32 or wider). A NamedTuple, so it is a JAX pytree.
+    """
+
+    kv: Array
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def _check_qkv(
+    xp: ModuleType, q: Array, k: Array, v: Array, names: tuple[str, str, str]
+) -> tuple[int, ...]:
+    """Check ranks, shapes and dtypes; return the broadcast batch shape."""
+    for name, a in zip(names, (q, k, v), strict=True):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., L, dim), got shape {tuple(a.shape)}")
+        if not is_floating(xp, a.dtype):
+            raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+    nq, nk, nv = names
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"{nq} and {nk} need the same last dimension, got {nq}.shape={tuple(q.shape)} "
+            f"and {nk}.shape={tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"{nk} and {nv} need the same length (axis -2), got {nk}.shape={tuple(k.shape)} "
+            f"and {nv}.shape={tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{nq}, {nk} and {nv} must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}"
+        )
+    try:
+        return _broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"batch dimensions of {nq} {tuple(q.shape[:-2])}, {nk} {tuple(k.shape[:-2])} and "
+            f"{nv} {tuple(v.shape[:-2])} do not broadcast"
+        ) from None
+
+
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for i in range(-ndim, 0):
+        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _check_mask(
+    xp: ModuleType, key_mask: Array | None, batch: tuple[int, ...], lk: int
+) -> Array | None:
+    """Check ``key_mask`` and return it as ``(..., Lk, 1)`` ready for ``where``."""
+    if key_mask is None:
+        return None
+    if key_mask.dtype != xp.bool:
+        raise TypeError(f"key_mask must be a boolean array (True = attend), got dtype {key_mask.dtype}")
+    target = (*batch, lk)
+    try:
+        ok = key_mask.ndim >= 1 and _broadcast_shapes(tuple(key_mask.shape), target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"key_mask must broadcast to batch + (Lk,) = {target}, got shape {tuple(key_mask.shape)}"
+        )
+    return key_mask[..., None]
+
+
+def _check_scale(scale: float | None, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+        math.isfinite(scale) and scale > 0
+    ):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    return float(scale)
+
+
+def _check_causal(causal: bool, lq: int, lk: int, names: tuple[str, str]) -> None:
+    if causal and lq != lk:
+        raise ValueError(
+            f"causal attention needs {names[0]} and {names[1]} of the same length, got "
+            f"Lq={lq} and Lk={lk} (use causal=False for cross-attention)"
+        )
+
+
+def _check_chunk(chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_state(
+    xp: ModuleType,
+    state: CausalState | None,
+    causal: bool,
+    expected: tuple[int, ...],
+    dtype: Any,
+    like: Array,
+) -> Array | None:
+    if state is None:
+        return None
+    if not causal:
+        raise ValueError("state= is only meaningful with causal=True")
+    if not isinstance(state, CausalState):
+        raise TypeError(f"state must be a CausalState, got {type(state).__name__}")
+    namespace(state=state.kv, inputs=like)  # same framework as the inputs
+    if tuple(state.kv.shape) != expected:
+        raise ValueError(
+            f"state.kv has shape {tuple(state.kv.shape)}, but these inputs need batch + "
+            f"(m, dv + 1) = {expected}; was the state made with other shapes?"
+        )
+    return xp.astype(state.kv, dtype)
+
+
+# -- the algorithms -------------------------------------------------------------------------
+
+
+def _normalise(xp: ModuleType, out1: Array, dv: int) -> Array:
+    """Divide the first ``dv`` columns by the last; rows with a normaliser <= 0 give 0."""
+    num, den = out1[..., :dv], out1[..., dv:]
+    ok = den > 0
+    return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
+
+
+def _causal_blocks(
+    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
+) -> tuple[Array, Array]:
+    """Causal linear attention over ``L = n * c`` positions; returns ``(out1, kv)``."""
+    batch, length, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
+    n, e = length // c, v1.shape[-1]
+    qc = xp.reshape(qf, (*batch, n, c, m))
+    kc = xp.reshape(kf, (*batch, n, c, m))
+    vc = xp.reshape(v1, (*batch, n, c, e))
+    sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
+    prefix = sums[..., :n, :, :]
+    total = sums[..., n, :, :]
+    if kv0 is not None:
+        prefix = prefix + kv0[..., None, :, :]
+        total = total + kv0
+    pos = xp.arange(c, device=device(qf))
+    scores = qc @ xp.matrix_transpose(kc)
+    scores = xp.where(pos[:, None] >= pos[None, :], scores, 0.0)
+    out1 = qc @ prefix + scores @ vc
+    return xp.reshape(out1, (*batch, length, e)), total
+
+
+def _linear_core(
+    xp: ModuleType,
+    qf: Array,
+    kf: Array,
+    v: Array,
+    mask: Array | None,
+    *,
+    causal: bool,
+    chunk: int,
+    kv0: Array | None,
+    batch: tuple[int, ...],
+) -> tuple[Array, Array | None]:
+    """Validated linear attention in the compute dtype; returns ``(out, kv or None)``."""
+    dtype = qf.dtype
+    v = xp.astype(v, dtype)
+    ones = xp.ones((*v.shape[:-1], 1), dtype=dtype, device=device(v))
+    v1 = xp.concat([v, ones], axis=-1)
+    if mask is not None:
+        kf = xp.where(mask, kf, 0.0)
+        v1 = xp.where(mask, v1, 0.0)
+    dv = v.shape[-1]
+    if not causal:
+        kv = xp.matrix_transpose(kf) @ v1
+        return _normalise(xp, qf @ kv, dv), None
+    length = qf.shape[-2]
+    qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
+    kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
+    v1 = xp.broadcast_to(v1, (*batch, *v1.shape[-2:]))
+    split = (length // chunk) * chunk
+    pieces = []
+    kv = kv0
+    if split:
+        out_main, kv = _causal_blocks(xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk)
+        pieces.append(out_main)
+    if split < length:
+        tail = length - split
+        out_tail, kv = _causal_blocks(xp, qf[..., split:, :], kf[..., split:, :], v1[..., split:, :], kv, tail)
+        pieces.append(out_tail)
+    out1 = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
+    if kv is None:  # length 0
+        kv = xp.zeros((*batch, qf.shape[-1], dv + 1), dtype=dtype, device=device(qf))
+    return _normalise(xp, out1, dv), kv
+
+
+# -- the public functions -------------------------------------------------------------------
+
+
+def linear_attention(
+    qf: Array,
+    kf: Array,
+    v: Array,
+    *,
+    causal: bool = False,
+    key_mask: Array | None = None,
+    chunk_size: int | None = None,
+    state: CausalState | None = None,
+    return_state: bool = False,
+) -> Array | tuple[Array, CausalState]:
+    r"""Linear attention ``D^-1 phi(Q) (phi(K)^T [V | 1])`` on precomputed features.
+
+    Parameters
+    ----------
+    qf : array, shape (..., Lq, m)
+        Query features.
+    kf : array, shape (..., Lk, m)
+        Key features, same dtype as ``qf``.
+    v : array, shape (..., Lk, dv)
+        Values, same dtype as the features.
+    causal : bool
+        Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
+    key_mask : bool array, optional
+        True = attend, broadcastable to ``batch + (Lk,)``. Masked rows of ``kf`` and ``v``
+        are removed with ``where``, so both numerator and denominator ignore them.
+    chunk_size : int, optional
+        Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`); the result
+        does not depend on it beyond rounding.
+    state : CausalState, optional
+        Sums over keys from an earlier call (``causal=True`` only).
+    return_state : bool
+        Also return the :class:`CausalState` after this call (``causal=True`` only).
+
+    Returns
+    -------
+    array, shape batch + (Lq, dv)
+        In the dtype of ``v``. With ``return_state``, ``(out, state)``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For wrong ranks or shapes, mixed dtypes or frameworks, a bad mask, chunk size or
+        state; the message names the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> qf, kf = rng.random((4, 8)), rng.random((6, 8))
+    >>> v = rng.standard_normal((6, 3))
+    >>> out = linear_attention(qf, kf, v)
+    >>> a = qf @ kf.T
+    >>> bool(np.allclose(out, (a @ v) / a.sum(-1, keepdims=True)))
+    True
+    """
+    xp = namespace(qf=qf, kf=kf, v=v, key_mask=key_mask)
+    batch = _check_qkv(xp, qf, kf, v, ("qf", "kf", "v"))
+    _check_causal(causal, qf.shape[-2], kf.shape[-2], ("qf", "kf"))
+    if return_state and not causal:
+        raise ValueError("return_state=True is only meaningful with causal=True")
+    mask = _check_mask(xp, key_mask, batch, kf.shape[-2])
+    chunk = _check_chunk(chunk_size)
+    dtype = compute_dtype(xp, qf.dtype)
+    kv0 = _check_state(xp, state, causal, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
+    out, kv = _linear_core(
+        xp, xp.astype(qf, dtype), xp.astype(kf, dtype), v, mask,
+        causal=causal, chunk=chunk, kv0=kv0, batch=batch,
+    )  # fmt: skip
+    out = xp.astype(out, v.dtype)
+    return (out, CausalState(kv)) if return_state else out
+
+
+def favor_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    features: FeatureMap,
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+    state: CausalState | None = None,
+    return_state: bool = False,
+) -> Array | tuple[Array, CausalState]:
+    r"""FAVOR attention: softmax attention estimated with random features.
+
+    Computes ``D^-1 phi(Q') (phi(K')^T [V | 1])`` with ``Q' = sqrt(scale) q`` and
+    ``K' = sqrt(scale) k``, so that the features estimate ``exp(scale q . k)`` and the
+    result approximates ``softmax(scale q k^T) v``. Costs O(L m (d + dv)) instead of
+    O(Lq Lk d).
+
+    Parameters
+    ----------
+    q : array, shape (..., Lq, d)
+        Queries, any leading batch/head dimensions.
+    k : array, shape (..., Lk, d)
+        Keys; ``Lk`` may differ from ``Lq`` unless ``causal``.
+    v : array, shape (..., Lk, dv)
+        Values; ``dv`` may differ from ``d``.
+    features : FeatureMap
+        The feature map, e.g. ``PositiveFeatures(m=256, seed=0)``.
+    causal : bool
+        Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
+    key_mask : bool array, optional
+        True = attend, broadcastable to ``q.shape[:-2] + (Lk,)``.
+    scale : float, optional
+        Logit scale; ``1/sqrt(d)`` when omitted, as in ``scaled_dot_product_attention``.
+    chunk_size : int, optional
+        Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`).
+    state : CausalState, optional
+        Running sums from an earlier causal call on the preceding tokens.
+    return_state : bool
+        Also return the :class:`CausalState` after this call (``causal=True`` only).
+
+    Returns
+    -------
+    array, shape batch + (Lq, dv)
+        In ``q``'s namespace, device and dtype (computed in float32 or wider). With
+        ``return_state``, ``(out, state)``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For wrong ranks or shapes, non-floating or mixed dtypes, arrays of two frameworks,
+        a mask of the wrong shape or dtype, ``chunk_size <= 0``, causal with ``Lq != Lk``,
+        or a state of other shapes; the message names the argument.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorcore import PositiveFeatures, favor_attention, softmax_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 128, 16)) for _ in range(3))
+    >>> out = favor_attention(q, k, v, features=PositiveFeatures(m=256, seed=0))
+    >>> ref = softmax_attention(q, k, v)
+    >>> bool(np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.2)
+    True
+
+    Process a sequence in two pieces, as one would prefill and then decode:
+
+    >>> fm = PositiveFeatures(m=64, seed=1)
+    >>> full = favor_attention(q, k, v, features=fm, causal=True)
+    >>> a, st = favor_attention(q[:, :100], k[:, :100], v[:, :100], features=fm,
+    ...                         causal=True, return_state=True)
+    >>> b = favor_attention(q[:, 100:], k[:, 100:], v[:, 100:], features=fm,
+    ...                     causal=True, state=st)
+    >>> bool(np.allclose(np.concatenate([a, b], axis=1), full))
+    True
+    """
+    if not isinstance(features, FeatureMap):
+        raise TypeError(f"features must be a FeatureMap, got {type(features).__name__}")
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask)
+    batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
+    _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    if return_state and not causal:
+        raise ValueError("return_state=True is only meaningful with causal=True")
+    mask = _check_mask(xp, key_mask, batch, k.shape[-2])
+    chunk = _check_chunk(chunk_size)
+    root = math.sqrt(_check_scale(scale, q.shape[-1]))
+    dtype = compute_dtype(xp, q.dtype)
+    m = features.num_features(q.shape[-1])
+    kv0 = _check_state(xp, state, causal, (*batch, m, v.shape[-1] + 1), dtype, q)
+    x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
+    if mask is not None:  # garbage in padding must not reach the features (or gradients)
+        y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
+    qf, kf = features(x * root, y * root, key_mask=key_mask)
+    out, kv = _linear_core(
+        xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
+    )
+    out = xp.astype(out, q.dtype)
+    return (out, CausalState(kv)) if return_state else out
+
+
+def softmax_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    r"""Exact softmax attention ``softmax(scale q k^T) v``, the reference for FAVOR.
+
+    Same conventions as :func:`favor_attention` (masks, shapes, dtypes, scale); costs
+    O(Lq Lk d) time and O(Lq Lk) memory. A query with no valid key returns 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> q = k = np.eye(2)
+    >>> v = np.array([[1.0], [3.0]])
+    >>> softmax_attention(q, k, v, scale=1.0, causal=True).ravel().tolist()
+    [1.0, 2.4621171572600096]
+    """
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask)
+    batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
+    _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    mask = _check_mask(xp, key_mask, batch, k.shape[-2])
+    scale = _check_scale(scale, q.shape[-1])
+    dtype = compute_dtype(xp, q.dtype)
+    x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
+    allowed = None
+    if mask is not None:
+        y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
+        allowed = xp.matrix_transpose(mask)  # (..., 1, Lk)
+    if causal:
+        pos = xp.arange(q.shape[-2], device=device(q))
+        tril = pos[:, None] >= pos[None, :]
+        allowed = tril if allowed is None else (allowed & tril)
+    logits = (x @ xp.matrix_transpose(y)) * scale
+    if allowed is not None:
+        logits = xp.where(allowed, logits, -math.inf)
+    top = xp.max(logits, axis=-1, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0.0)
+    weights = xp.exp(logits - top)
+    num = weights @ vc
+    den = xp.sum(weights, axis=-1, keepdims=True)
+    ok = den > 0
+    out = xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
+    return xp.astype(out, q.dtype)

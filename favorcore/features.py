@@ -1,0 +1,439 @@
+r"""Random-feature maps phi whose inner products estimate attention kernels.
+
+Every map is a small immutable object that holds its seed (and so its host projection)
+and maps queries and keys **together**: ``qf, kf = fmap(x, y, key_mask=...)``. The
+attention functions pass the *scaled* rows ``x = sqrt(scale) q`` and
+``y = sqrt(scale) k``, so that the softmax-kernel maps estimate ``exp(x . y)``.
+
+Queries and keys get different stabilisers (DESIGN.md section 4):
+
+* a query row may be multiplied by any positive constant, since it appears in both the
+  numerator and the denominator of its attention output; the maps use the per-row max.
+* a key row may not: a per-key or per-chunk data-dependent shift biases the estimate or
+  leaks the future in causal attention. The positive maps therefore move a
+  *data-independent* per-feature constant ``c_i`` from the key side to the query side:
+  ``w_i . y - |y|^2/2 - c_i <= |w_i|^2/2 - c_i``, and ``c_i = max(0, |w_i|^2/2 - B)``
+  bounds every key feature by ``exp(B)`` whatever ``y`` is (``B`` is half the log of the
+  largest finite number of the compute dtype, less 4). With ``c_i = |w_i|^2/2`` this is the
+  split whose key factor is ``exp(-|y - w_i|^2/2) <= 1``; the smaller constant keeps key
+  features of ordinary inputs far from underflow when ``d`` is large.
+
+``fmap.phi(x)`` returns the unstabilised features, whose inner products are the kernel
+estimates themselves (for kernel use and for tests of unbiasedness).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._compat import Array, compute_dtype, device, from_host, is_floating, namespace, stop_gradient
+from .projection import (
+    NORM_KINDS,
+    PROJECTION_KINDS,
+    NormKind,
+    ProjectionKind,
+    draw_projection,
+)
+
+__all__ = [
+    "FeatureMap",
+    "GeneralizedFeatures",
+    "PositiveFeatures",
+    "TrigonometricFeatures",
+    "hyperbolic_features",
+]
+
+_CACHE_SIZE = 8
+
+
+def _key_bound(xp: ModuleType, dtype: Any) -> float:
+    """``B``: every positive-map key feature is at most ``exp(B)``."""
+    return 0.5 * math.log(float(xp.finfo(dtype).max)) - 4.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureMap:
+    """Base class of the feature maps: seed, projection settings and the q/k interface.
+
+    Subclasses define :meth:`apply` (stabilised query and key features, given the
+    projection as an array) and :meth:`phi` (unstabilised features).
+
+    Parameters
+    ----------
+    m : int
+        Number of feature columns.
+    projection : {"iid", "orthogonal", "hadamard", "givens"}
+        Kind of random projection (see :mod:`favorcore.projection`).
+    norms : {"chi", "fixed"}
+        Row lengths of the projection.
+    seed : int or None
+        Seed of the host projection; ``None`` draws one at construction, which is then
+        kept (and shown in ``repr``) so the map stays deterministic.
+    """
+
+    m: int | None = 256
+    projection: ProjectionKind = "orthogonal"
+    norms: NormKind = "chi"
+    seed: int | None = None
+    _cache: dict[tuple[Any, ...], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+
+    def __post_init__(self) -> None:
+        if self.m is not None and (
+            isinstance(self.m, bool) or not isinstance(self.m, int | np.integer) or self.m <= 0
+        ):
+            raise ValueError(f"m must be a positive integer (feature columns), got {self.m!r}")
+        if self.paired and self.m is not None and self.m % 2:
+            raise ValueError(
+                f"m must be even for {type(self).__name__}: its features come in pairs "
+                f"drawn from m/2 projection rows, got m={self.m}"
+            )
+        if self.projection not in PROJECTION_KINDS:
+            raise ValueError(f"projection must be one of {PROJECTION_KINDS}, got {self.projection!r}")
+        if self.norms not in NORM_KINDS:
+            raise ValueError(f"norms must be one of {NORM_KINDS}, got {self.norms!r}")
+        if self.seed is None:
+            object.__setattr__(self, "seed", int(np.random.SeedSequence().entropy))  # type: ignore[arg-type]
+        elif isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def paired(self) -> bool:
+        """True when features come in pairs drawn from one projection row (m must be even)."""
+        return False
+
+    # -- the projection -------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int | None:
+        """Number of projection rows: ``m``, or ``m/2`` for paired maps (None: no projection)."""
+        if self.m is None:
+            return None
+        return self.m // 2 if self.paired else self.m
+
+    def num_features(self, d: int) -> int:
+        """Number of feature columns for inputs of dimension ``d``."""
+        return d if self.m is None else self.m
+
+    def host_projection(self, d: int) -> np.ndarray | None:
+        """The float64 host projection ``(rows, d)`` for inputs of dimension ``d``."""
+        if self.rows is None:
+            return None
+        key = ("host", d)
+        if key not in self._cache:
+            self._remember(
+                key,
+                draw_projection(self.rows, d, kind=self.projection, norms=self.norms, seed=self.seed),
+            )
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def projection_like(self, x: Array) -> Array | None:
+        """The projection in ``x``'s namespace, device and compute dtype (cached)."""
+        if self.rows is None:
+            return None
+        xp = namespace(x=x)
+        dtype, dev, d = compute_dtype(xp, x.dtype), device(x), x.shape[-1]
+        key = (xp.__name__, str(dtype), repr(dev), d)
+        if key not in self._cache:
+            host = self.host_projection(d)
+            assert host is not None
+            self._remember(key, from_host(xp, self._effective(host), dtype=dtype, device=dev))
+        return self._cache[key]
+
+    def _effective(self, host: np.ndarray) -> np.ndarray:
+        """The matrix the features are computed from (antithetic maps stack ``[W; -W]``)."""
+        return host
+
+    def _remember(self, key: tuple[Any, ...], value: Any) -> None:
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = value
+
+    # -- the maps -------------------------------------------------------------------------
+
+    def __call__(
+        self, x: Array, y: Array, *, key_mask: Array | None = None
+    ) -> tuple[Array, Array]:
+        """Stabilised features of queries ``x`` ``(..., Lq, d)`` and keys ``y`` ``(..., Lk, d)``.
+
+        Returns ``(qf, kf)`` of shapes ``(..., Lq, m)`` and ``(..., Lk, m)`` in ``x``'s
+        namespace, device and compute dtype. ``qf @ kf.T`` equals ``phi(x) @ phi(y).T`` up
+        to a positive factor per query row, which cancels in attention. ``key_mask`` (True =
+        attend) keeps masked keys out of any statistic a map computes; the caller removes
+        masked rows themselves (:func:`favorcore.linear_attention` does).
+        """
+        xp = self._check_inputs(x=x, y=y)
+        return self.apply(x, y, self.projection_like(x), key_mask=key_mask, xp=xp)
+
+    def _check_inputs(self, **arrays: Array) -> ModuleType:
+        xp = namespace(**arrays)
+        names = list(arrays)
+        first = arrays[names[0]]
+        for name, a in arrays.items():
+            if a.ndim < 2:
+                raise ValueError(f"{name} must have shape (..., L, d), got shape {tuple(a.shape)}")
+            if not is_floating(xp, a.dtype):
+                raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+            if a.shape[-1] != first.shape[-1]:
+                raise ValueError(
+                    f"{name} has feature dimension {a.shape[-1]}, but {names[0]} has "
+                    f"{first.shape[-1]}; queries and keys need the same d"
+                )
+            if a.dtype != first.dtype:
+                raise TypeError(f"{name} has dtype {a.dtype}, but {names[0]} has {first.dtype}")
+        return xp
+
+    def apply(
+        self,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        key_mask: Array | None = None,
+        xp: ModuleType | None = None,
+    ) -> tuple[Array, Array]:
+        """Stabilised ``(qf, kf)`` given the projection ``w`` as an array of ``x``'s namespace.
+
+        This is the seam for adapters that keep their own projection (a module buffer, a
+        matrix drawn from a ``jax.random`` key): ``w`` has shape ``(rows, d)`` for this map
+        (the antithetic maps expect the stacked ``[W; -W]``).
+        """
+        raise NotImplementedError
+
+    def phi(self, x: Array) -> Array:
+        """Unstabilised features of rows ``x``; ``phi(x) @ phi(y).T`` estimates the kernel."""
+        raise NotImplementedError
+
+
+def _half_sq_norm(xp: ModuleType, x: Array, dtype: Any) -> Array:
+    """``|x|^2 / 2`` per row, ``(..., L, 1)``, in ``dtype``."""
+    x = xp.astype(x, dtype)
+    return xp.sum(x * x, axis=-1, keepdims=True) / 2
+
+
+def _project(xp: ModuleType, x: Array, w: Array | None) -> Array:
+    x = xp.astype(x, compute_dtype(xp, x.dtype))
+    return x if w is None else x @ xp.matrix_transpose(w)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PositiveFeatures(FeatureMap):
+    r"""FAVOR+ positive random features for the softmax kernel.
+
+    ``phi(x) = m^(-1/2) exp(W x - |x|^2/2)`` with ``m`` projection rows, so that
+    ``E[phi(x) . phi(y)] = exp(x . y)`` for Gaussian rows (``"iid"``, or ``"orthogonal"``
+    with ``"chi"`` norms). With ``antithetic=True`` (the hyperbolic map, FAVOR+ with
+    ``+-w`` pairs) ``m/2`` rows ``W`` are drawn and used as ``[W; -W]``: still unbiased, lower
+    variance; ``m`` must then be even.
+
+    Parameters
+    ----------
+    m : int
+        Number of feature columns.
+    projection, norms, seed
+        See :class:`FeatureMap`.
+    antithetic : bool
+        Use ``+-w`` pairs (the hyperbolic estimator).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fmap = PositiveFeatures(m=64, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((10, 8)) / 4
+    >>> qf, kf = fmap(x, x)
+    >>> qf.shape, bool((qf > 0).all() and (kf > 0).all())
+    ((10, 64), True)
+    """
+
+    antithetic: bool = False
+
+    @property
+    def paired(self) -> bool:
+        """Antithetic features come in ``+-w`` pairs."""
+        return self.antithetic
+
+    def _effective(self, host: np.ndarray) -> np.ndarray:
+        return np.concatenate([host, -host]) if self.antithetic else host
+
+    def apply(
+        self,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        key_mask: Array | None = None,
+        xp: ModuleType | None = None,
+    ) -> tuple[Array, Array]:
+        """Stabilised positive features; see the module docstring for the stabilisers."""
+        xp = namespace(x=x, y=y, w=w) if xp is None else xp
+        px, py = _project(xp, x, w), _project(xp, y, w)
+        half_log_m = 0.5 * math.log(w.shape[0])
+        half_sq = xp.sum(w * w, axis=-1) / 2
+        offset = xp.where(half_sq > _key_bound(xp, w.dtype), half_sq - _key_bound(xp, w.dtype), 0.0)
+        # Queries: -|x|^2/2 is a per-row constant and dropped; the per-row max is exact.
+        lq = px + offset
+        qf = xp.exp(lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True)) - half_log_m)
+        # Keys: no data-dependent shift; every value is <= exp(B).
+        kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) - (offset + half_log_m))
+        return qf, kf
+
+    def phi(self, x: Array) -> Array:
+        """Unbiased features ``m^(-1/2) exp(W x - |x|^2/2)`` (may overflow for large norms)."""
+        xp = self._check_inputs(x=x)
+        w = self.projection_like(x)
+        px = _project(xp, x, w)
+        return xp.exp(px - _half_sq_norm(xp, x, px.dtype) - 0.5 * math.log(w.shape[0]))
+
+
+def hyperbolic_features(m: int = 256, **kwargs: Any) -> PositiveFeatures:
+    """The hyperbolic map: :class:`PositiveFeatures` with antithetic ``+-w`` pairs.
+
+    ``phi(x) = m^(-1/2) exp(-|x|^2/2) [exp(W x), exp(-W x)]`` with ``m/2`` rows in ``W``.
+
+    Examples
+    --------
+    >>> hyperbolic_features(64, seed=0).rows
+    32
+    """
+    return PositiveFeatures(m=m, antithetic=True, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrigonometricFeatures(FeatureMap):
+    r"""The trigonometric map of the first FAVOR paper (arXiv 2006.03555).
+
+    ``phi(x) = (m/2)^(-1/2) exp(|x|^2/2) [sin(W x), cos(W x)]`` with ``m/2`` rows: unbiased
+    for the softmax kernel but **not positive**, so the estimated normaliser of a query can
+    be zero or negative (rows where it is ``<= 0`` return 0), and ``exp(|y|^2/2)`` overflows
+    for keys of large norm. Prefer :class:`PositiveFeatures`; this map is here for
+    comparison with the paper.
+
+    Examples
+    --------
+    >>> TrigonometricFeatures(m=64, seed=0).rows
+    32
+    """
+
+    @property
+    def paired(self) -> bool:
+        """Features come in sin/cos pairs."""
+        return True
+
+    def apply(
+        self,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        key_mask: Array | None = None,
+        xp: ModuleType | None = None,
+    ) -> tuple[Array, Array]:
+        """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped."""
+        xp = namespace(x=x, y=y, w=w) if xp is None else xp
+        px, py = _project(xp, x, w), _project(xp, y, w)
+        scale = 1.0 / math.sqrt(w.shape[0])
+        qf = xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * scale
+        kf = xp.concat([xp.sin(py), xp.cos(py)], axis=-1) * (
+            xp.exp(_half_sq_norm(xp, y, py.dtype)) * scale
+        )
+        return qf, kf
+
+    def phi(self, x: Array) -> Array:
+        """Unbiased features ``(m/2)^(-1/2) exp(|x|^2/2) [sin(W x), cos(W x)]``."""
+        xp = self._check_inputs(x=x)
+        w = self.projection_like(x)
+        px = _project(xp, x, w)
+        return xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * (
+            xp.exp(_half_sq_norm(xp, x, px.dtype)) / math.sqrt(w.shape[0])
+        )
+
+
+def _relu(xp: ModuleType, a: Array) -> Array:
+    return xp.where(a > 0, a, 0.0)
+
+
+def _elu_plus_one(xp: ModuleType, a: Array) -> Array:
+    return xp.where(a > 0, a + 1.0, xp.exp(xp.where(a > 0, 0.0, a)))
+
+
+GENERALIZED_KERNELS: dict[str, Callable[[ModuleType, Array], Array]] = {
+    "relu": _relu,
+    "elu+1": _elu_plus_one,
+    "exp": lambda xp, a: xp.exp(a),
+    "identity": lambda xp, a: a,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralizedFeatures(FeatureMap):
+    """Generalized attention: ``phi(x) = f(W x) + epsilon``, or ``f(x) + epsilon`` unprojected.
+
+    Not an estimator of the softmax kernel: the kernel is ``phi(x) . phi(y)`` itself.
+
+    Parameters
+    ----------
+    kernel : {"relu", "elu+1", "exp", "identity"} or callable
+        ``f``; a callable takes one array and returns an array of the same shape and
+        namespace.
+    m : int or None
+        Number of projection rows (= feature columns); ``None`` applies ``f`` to the
+        inputs directly (``m = d``).
+    epsilon : float
+        Added to every feature (keeps normalisers of relu features away from zero).
+    projection, norms, seed
+        See :class:`FeatureMap`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> qf, kf = GeneralizedFeatures(kernel="elu+1", m=None)(np.ones((3, 4)), np.zeros((5, 4)))
+    >>> qf.shape, kf.shape
+    ((3, 4), (5, 4))
+    """
+
+    kernel: str | Callable[[Array], Array] = "relu"
+    m: int | None = None
+    epsilon: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not callable(self.kernel) and self.kernel not in GENERALIZED_KERNELS:
+            raise ValueError(
+                f"kernel must be one of {tuple(GENERALIZED_KERNELS)} or a callable, got {self.kernel!r}"
+            )
+        if not (isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
+
+    def _f(self, xp: ModuleType, a: Array) -> Array:
+        if callable(self.kernel):
+            return self.kernel(a)
+        return GENERALIZED_KERNELS[self.kernel](xp, a)
+
+    def apply(
+        self,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        key_mask: Array | None = None,
+        xp: ModuleType | None = None,
+    ) -> tuple[Array, Array]:
+        """``f(W x) + epsilon`` for queries and keys alike (no stabiliser)."""
+        xp = namespace(x=x, y=y, w=w) if xp is None else xp
+        return (
+            self._f(xp, _project(xp, x, w)) + self.epsilon,
+            self._f(xp, _project(xp, y, w)) + self.epsilon,
+        )
+
+    def phi(self, x: Array) -> Array:
+        """``f(W x) + epsilon``."""
+        xp = self._check_inputs(x=x)
+        return self._f(xp, _project(xp, x, self.projection_like(x))) + self.epsilon

@@ -1,0 +1,204 @@
+"""Random projection matrices for random-feature maps.
+
+Every matrix is drawn on the host with ``numpy.random.default_rng(seed)`` in float64 and
+only then converted to the caller's namespace, dtype and device, so the same seed gives
+the same matrix on every backend.
+
+Kinds
+-----
+``"iid"``
+    Rows are independent standard Gaussian vectors.
+``"orthogonal"``
+    Stacked ``d x d`` blocks of a Haar-distributed orthogonal matrix (QR of a Gaussian
+    matrix with the sign fix ``Q * sign(diag(R))``), truncated to the requested rows.
+``"hadamard"``
+    Structured orthogonal blocks ``H D1 H D2 H D3`` (normalised Walsh-Hadamard ``H``,
+    Rademacher diagonals ``Di``; SORF). ``d`` must be a power of two.
+``"givens"``
+    Blocks that are products of ``d * ceil(ln d)`` Givens rotations, each in a plane
+    ``(i, j)`` with ``i != j`` drawn without replacement, with a uniform angle; every block
+    has fresh draws.
+
+Within a block the rows are exactly orthogonal for all kinds but ``"iid"``. Row norms are
+then either ``"chi"`` (independent chi(d) lengths, so that each row is marginally
+Gaussian, which keeps the softmax-kernel estimators unbiased for ``"iid"`` and
+``"orthogonal"``) or ``"fixed"`` (every row has length ``sqrt(d)``).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from ._compat import Array, from_host
+
+ProjectionKind = Literal["iid", "orthogonal", "hadamard", "givens"]
+NormKind = Literal["chi", "fixed"]
+Seed = int | np.random.SeedSequence | None
+
+PROJECTION_KINDS: tuple[str, ...] = get_args(ProjectionKind)
+NORM_KINDS: tuple[str, ...] = get_args(NormKind)
+
+__all__ = ["NORM_KINDS", "PROJECTION_KINDS", "draw_projection", "projection"]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _orthogonal_block(rng: np.random.Generator, d: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    # Sign fix: without it QR's sign convention makes Q non-Haar (biased).
+    signs = np.sign(np.diag(r))
+    signs[signs == 0] = 1.0
+    return (q * signs).T
+
+
+def _hadamard(d: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(d)
+
+
+def _hadamard_block(rng: np.random.Generator, d: int) -> np.ndarray:
+    h = _hadamard(d)
+    block = np.eye(d)
+    for _ in range(3):
+        block = h @ (rng.choice([-1.0, 1.0], size=d)[:, None] * block)
+    return block
+
+
+def _givens_block(rng: np.random.Generator, d: int) -> np.ndarray:
+    if d == 1:
+        return np.array([[rng.choice([-1.0, 1.0])]])
+    block = np.eye(d)
+    for _ in range(d * math.ceil(math.log(d))):
+        i, j = rng.choice(d, size=2, replace=False)
+        theta = rng.uniform(0.0, 2.0 * math.pi)
+        c, s = math.cos(theta), math.sin(theta)
+        row_i, row_j = block[i].copy(), block[j]
+        block[i] = c * row_i - s * row_j
+        block[j] = s * row_i + c * row_j
+    return block
+
+
+_BLOCKS = {"orthogonal": _orthogonal_block, "hadamard": _hadamard_block, "givens": _givens_block}
+
+
+def draw_projection(
+    rows: int,
+    d: int,
+    *,
+    kind: ProjectionKind = "orthogonal",
+    norms: NormKind = "chi",
+    seed: Seed = None,
+) -> np.ndarray:
+    """Draw a ``(rows, d)`` random projection on the host in float64.
+
+    Parameters
+    ----------
+    rows : int
+        Number of rows (random directions), any positive number, more or fewer than ``d``.
+    d : int
+        Input dimension.
+    kind : {"iid", "orthogonal", "hadamard", "givens"}
+        How rows are coupled; see the module docstring.
+    norms : {"chi", "fixed"}
+        Row lengths: independent chi(d) draws, or all ``sqrt(d)``.
+    seed : int, numpy.random.SeedSequence or None
+        Seed of ``numpy.random.default_rng``; ``None`` draws fresh entropy.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of shape ``(rows, d)``.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` or ``d`` is not a positive integer, ``kind`` or ``norms`` is unknown,
+        or ``kind="hadamard"`` and ``d`` is not a power of two.
+
+    Examples
+    --------
+    >>> w = draw_projection(8, 4, kind="orthogonal", seed=0)
+    >>> w.shape
+    (8, 4)
+    >>> import numpy as np
+    >>> g = w[:4] @ w[:4].T  # one block: orthogonal rows
+    >>> bool(np.allclose(g - np.diag(np.diag(g)), 0))
+    True
+    """
+    rows = _check_positive_int("rows", rows)
+    d = _check_positive_int("d", d)
+    if kind not in PROJECTION_KINDS:
+        raise ValueError(f"kind must be one of {PROJECTION_KINDS}, got {kind!r}")
+    if norms not in NORM_KINDS:
+        raise ValueError(f"norms must be one of {NORM_KINDS}, got {norms!r}")
+    if kind == "hadamard" and d & (d - 1):
+        raise ValueError(
+            f"kind='hadamard' needs d to be a power of two, got d={d}; "
+            "use kind='orthogonal' or 'givens' for other d"
+        )
+    rng = np.random.default_rng(seed)
+    if kind == "iid":
+        w = rng.standard_normal((rows, d))
+        if norms == "fixed":
+            w *= math.sqrt(d) / np.linalg.norm(w, axis=1, keepdims=True)
+        return w
+    n_blocks = -(-rows // d)
+    w = np.concatenate([_BLOCKS[kind](rng, d) for _ in range(n_blocks)])[:rows]
+    # Blocks have unit rows; give them their lengths.
+    lengths = np.sqrt(rng.chisquare(d, size=rows)) if norms == "chi" else np.full(rows, math.sqrt(d))
+    return w * lengths[:, None]
+
+
+def projection(
+    rows: int,
+    d: int,
+    *,
+    kind: ProjectionKind = "orthogonal",
+    norms: NormKind = "chi",
+    seed: Seed = None,
+    xp: ModuleType | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> Array:
+    """Draw a projection on the host and return it in namespace ``xp``.
+
+    Parameters
+    ----------
+    rows, d, kind, norms, seed
+        As in :func:`draw_projection`.
+    xp : namespace, optional
+        Array API namespace of the result (``array_api_compat.numpy`` when omitted).
+    dtype : dtype, optional
+        Floating dtype of the result (``xp.float64`` when omitted).
+    device : device, optional
+        Device of the result (the namespace's default when omitted).
+
+    Returns
+    -------
+    array
+        ``(rows, d)`` array of ``xp``; the same seed gives the same values in every
+        namespace, up to the rounding of ``dtype``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> w = projection(4, 2, seed=1, xp=xp, dtype=xp.float32)
+    >>> w.shape, w.dtype == xp.float32
+    ((4, 2), True)
+    """
+    if xp is None:
+        import array_api_compat.numpy as xp_numpy
+
+        xp = xp_numpy
+    host = draw_projection(rows, d, kind=kind, norms=norms, seed=seed)
+    return from_host(xp, host, dtype=xp.float64 if dtype is None else dtype, device=device)

@@ -1,0 +1,57 @@
+"""Test helpers shared by the modules of the conformance matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+#: float32 unit roundoff
+U32 = float(np.finfo(np.float32).eps) / 2
+#: float64 unit roundoff
+U64 = float(np.finfo(np.float64).eps) / 2
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A namespace of the matrix, with the device the tests place their inputs on."""
+
+    name: str
+    xp: ModuleType
+    device: Any = None
+
+    def asarray(self, host: Any, dtype: Any = None) -> Any:
+        """Host NumPy data -> this backend (float64 unless ``dtype``)."""
+        host = np.asarray(host)
+        if dtype is None and host.dtype.kind == "f":
+            dtype = self.xp.float64
+        return self.xp.asarray(host, dtype=dtype, device=self.device)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Any backend's array -> NumPy (via the host device where needed)."""
+    if type(x).__module__.startswith("array_api_strict"):
+        import array_api_strict
+
+        x = x.to_device(array_api_strict.Device("CPU_DEVICE"))
+    return np.asarray(x)
+
+
+
+def unit_roundoff(dtype_name: str) -> float:
+    """Unit roundoff of the compute dtype of inputs of dtype ``dtype_name``."""
+    return U64 if dtype_name == "float64" else U32
+
+
+def check_array(backend: Backend, x: Any, *, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Assert namespace, shape, dtype and device of ``x``; return it as NumPy."""
+    import array_api_compat
+
+    assert array_api_compat.array_namespace(x) is backend.xp
+    assert tuple(x.shape) == shape
+    assert x.dtype == dtype
+    if backend.device is not None:
+        assert array_api_compat.device(x) == backend.device
+    return to_numpy(x)
