@@ -46,7 +46,9 @@ def namespace(**arrays: Array | None) -> ModuleType:
     try:
         return array_api_compat.array_namespace(*present.values())
     except TypeError as exc:
-        kinds = ", ".join(f"{n}: {type(a).__module__}.{type(a).__name__}" for n, a in present.items())
+        kinds = ", ".join(
+            f"{n}: {type(a).__module__}.{type(a).__name__}" for n, a in present.items()
+        )
         raise TypeError(
             f"arrays from more than one array framework in one call ({kinds}); "
             "convert them to one framework first"

@@ -85,7 +85,6 @@ class FeatureMap:
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
-
     def __post_init__(self) -> None:
         if self.m is not None and (
             isinstance(self.m, bool) or not isinstance(self.m, int | np.integer) or self.m <= 0
@@ -97,7 +96,9 @@ class FeatureMap:
                 f"drawn from m/2 projection rows, got m={self.m}"
             )
         if self.projection not in PROJECTION_KINDS:
-            raise ValueError(f"projection must be one of {PROJECTION_KINDS}, got {self.projection!r}")
+            raise ValueError(
+                f"projection must be one of {PROJECTION_KINDS}, got {self.projection!r}"
+            )
         if self.norms not in NORM_KINDS:
             raise ValueError(f"norms must be one of {NORM_KINDS}, got {self.norms!r}")
         if self.seed is None:
@@ -131,7 +132,9 @@ class FeatureMap:
         if key not in self._cache:
             self._remember(
                 key,
-                draw_projection(self.rows, d, kind=self.projection, norms=self.norms, seed=self.seed),
+                draw_projection(
+                    self.rows, d, kind=self.projection, norms=self.norms, seed=self.seed
+                ),
             )
         return self._cache[key]  # type: ignore[no-any-return]
 
@@ -159,9 +162,7 @@ class FeatureMap:
 
     # -- the maps -------------------------------------------------------------------------
 
-    def __call__(
-        self, x: Array, y: Array, *, key_mask: Array | None = None
-    ) -> tuple[Array, Array]:
+    def __call__(self, x: Array, y: Array, *, key_mask: Array | None = None) -> tuple[Array, Array]:
         """Stabilised features of queries ``x`` ``(..., Lq, d)`` and keys ``y`` ``(..., Lk, d)``.
 
         Returns ``(qf, kf)`` of shapes ``(..., Lq, m)`` and ``(..., Lk, m)`` in ``x``'s
@@ -219,6 +220,12 @@ def _half_sq_norm(xp: ModuleType, x: Array, dtype: Any) -> Array:
     return xp.sum(x * x, axis=-1, keepdims=True) / 2
 
 
+def _needs_projection(fmap: FeatureMap, w: Array | None) -> Array:
+    if w is None:
+        raise ValueError(f"{type(fmap).__name__} needs a projection matrix w, got None")
+    return w
+
+
 def _project(xp: ModuleType, x: Array, w: Array | None) -> Array:
     x = xp.astype(x, compute_dtype(xp, x.dtype))
     return x if w is None else x @ xp.matrix_transpose(w)
@@ -273,6 +280,7 @@ class PositiveFeatures(FeatureMap):
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised positive features; see the module docstring for the stabilisers."""
+        w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
         px, py = _project(xp, x, w), _project(xp, y, w)
         half_log_m = 0.5 * math.log(w.shape[0])
@@ -288,7 +296,7 @@ class PositiveFeatures(FeatureMap):
     def phi(self, x: Array) -> Array:
         """Unbiased features ``m^(-1/2) exp(W x - |x|^2/2)`` (may overflow for large norms)."""
         xp = self._check_inputs(x=x)
-        w = self.projection_like(x)
+        w = _needs_projection(self, self.projection_like(x))
         px = _project(xp, x, w)
         return xp.exp(px - _half_sq_norm(xp, x, px.dtype) - 0.5 * math.log(w.shape[0]))
 
@@ -337,6 +345,7 @@ class TrigonometricFeatures(FeatureMap):
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped."""
+        w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
         px, py = _project(xp, x, w), _project(xp, y, w)
         scale = 1.0 / math.sqrt(w.shape[0])
@@ -349,7 +358,7 @@ class TrigonometricFeatures(FeatureMap):
     def phi(self, x: Array) -> Array:
         """Unbiased features ``(m/2)^(-1/2) exp(|x|^2/2) [sin(W x), cos(W x)]``."""
         xp = self._check_inputs(x=x)
-        w = self.projection_like(x)
+        w = _needs_projection(self, self.projection_like(x))
         px = _project(xp, x, w)
         return xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * (
             xp.exp(_half_sq_norm(xp, x, px.dtype)) / math.sqrt(w.shape[0])
@@ -409,7 +418,11 @@ class GeneralizedFeatures(FeatureMap):
             raise ValueError(
                 f"kernel must be one of {tuple(GENERALIZED_KERNELS)} or a callable, got {self.kernel!r}"
             )
-        if not (isinstance(self.epsilon, int | float) and math.isfinite(self.epsilon) and self.epsilon >= 0):
+        if not (
+            isinstance(self.epsilon, int | float)
+            and math.isfinite(self.epsilon)
+            and self.epsilon >= 0
+        ):
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
 
     def _f(self, xp: ModuleType, a: Array) -> Array:

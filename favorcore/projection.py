@@ -56,11 +56,12 @@ def _orthogonal_block(rng: np.random.Generator, d: int) -> np.ndarray:
     # Sign fix: without it QR's sign convention makes Q non-Haar (biased).
     signs = np.sign(np.diag(r))
     signs[signs == 0] = 1.0
-    return (q * signs).T
+    block: np.ndarray = (q * signs).T
+    return block
 
 
 def _hadamard(d: int) -> np.ndarray:
-    h = np.ones((1, 1))
+    h: np.ndarray = np.ones((1, 1))
     while h.shape[0] < d:
         h = np.block([[h, h], [h, -h]])
     return h / math.sqrt(d)
@@ -155,7 +156,9 @@ def draw_projection(
     n_blocks = -(-rows // d)
     w = np.concatenate([_BLOCKS[kind](rng, d) for _ in range(n_blocks)])[:rows]
     # Blocks have unit rows; give them their lengths.
-    lengths = np.sqrt(rng.chisquare(d, size=rows)) if norms == "chi" else np.full(rows, math.sqrt(d))
+    lengths = (
+        np.sqrt(rng.chisquare(d, size=rows)) if norms == "chi" else np.full(rows, math.sqrt(d))
+    )
     return w * lengths[:, None]
 
 

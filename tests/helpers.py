@@ -39,7 +39,6 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-
 def unit_roundoff(dtype_name: str) -> float:
     """Unit roundoff of the compute dtype of inputs of dtype ``dtype_name``."""
     return U64 if dtype_name == "float64" else U32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -34,7 +35,9 @@ PHI = {
 
 @pytest.mark.parametrize("name", list(MAPS))
 @pytest.mark.parametrize("m", [2, 16, 40])
-def test_phi_matches_the_formula(backend: Backend, rng: np.random.Generator, name: str, m: int) -> None:
+def test_phi_matches_the_formula(
+    backend: Backend, rng: np.random.Generator, name: str, m: int
+) -> None:
     xp = backend.xp
     fmap = MAPS[name](m=m, seed=3)
     x = rng.standard_normal((2, 5, 8)) / 3
@@ -63,12 +66,16 @@ def test_stabilised_features_equal_phi_up_to_a_query_row_factor(
     rows = ratio[..., :1]
     keep = np.abs(exact) > 0.1 * np.abs(exact).max(-1, keepdims=True)
     u = float(np.finfo(dtype).eps)
-    np.testing.assert_allclose(np.where(keep, ratio, rows), np.broadcast_to(rows, ratio.shape), rtol=2000 * u)
+    np.testing.assert_allclose(
+        np.where(keep, ratio, rows), np.broadcast_to(rows, ratio.shape), rtol=2000 * u
+    )
     assert (rows > 0).all()
 
 
 @pytest.mark.parametrize("antithetic", [False, True])
-def test_positive_features_cannot_overflow(backend: Backend, rng: np.random.Generator, antithetic: bool) -> None:
+def test_positive_features_cannot_overflow(
+    backend: Backend, rng: np.random.Generator, antithetic: bool
+) -> None:
     # Keys of any norm give features <= exp(B); queries <= 1 (per-row max): no inf, no NaN.
     xp = backend.xp
     fmap = fc.PositiveFeatures(m=64, seed=1, antithetic=antithetic)
@@ -117,7 +124,7 @@ def test_fixed_norms_bias_is_measured_and_detected(rng: np.random.Generator, nam
     z = (est.mean(0) - exact) / (est.std(0, ddof=1) / math.sqrt(s))
     assert (z < -Z).all(), z
     rel_bias = est.mean(0) / exact - 1
-    assert (-0.05 < rel_bias).all(), rel_bias  # measured: about -1 %
+    assert (rel_bias > -0.05).all(), rel_bias  # measured: about -1 %
 
 
 @pytest.mark.parametrize("kind", ["givens", "hadamard"])
@@ -141,7 +148,13 @@ def _attention_mse(name: str, kind: str, m: int, seeds: int) -> tuple[float, flo
     exact = ref.softmax_attention(q, k, v)
     errs = np.array(
         [
-            ((fc.favor_attention(q, k, v, features=MAPS[name](m=m, seed=s, projection=kind)) - exact) ** 2).mean()
+            (
+                (
+                    fc.favor_attention(q, k, v, features=MAPS[name](m=m, seed=s, projection=kind))
+                    - exact
+                )
+                ** 2
+            ).mean()
             for s in range(seeds)
         ]
     )
@@ -157,17 +170,22 @@ def test_attention_error_falls_as_m_grows_and_orthogonal_beats_iid(name: str) ->
     seeds = 200
     for kind in ["iid", "orthogonal"]:
         mses = [_attention_mse(name, kind, m, seeds) for m in (16, 64, 256)]
-        for (a, sa), (b, sb) in zip(mses, mses[1:], strict=False):
+        for (a, sa), (b, sb) in itertools.pairwise(mses):
             assert b < a / 2
             assert (a - b) / math.hypot(sa, sb) > 3
     for m in (16, 64, 256):
-        (a, sa), (b, sb) = _attention_mse(name, "iid", m, seeds), _attention_mse(name, "orthogonal", m, seeds)
+        (a, sa), (b, sb) = (
+            _attention_mse(name, "iid", m, seeds),
+            _attention_mse(name, "orthogonal", m, seeds),
+        )
         assert (a - b) / math.hypot(sa, sb) > 3, (m, a, b)
 
 
 @pytest.mark.parametrize("kernel", ["relu", "elu+1", "exp", "identity"])
 @pytest.mark.parametrize("m", [None, 12])
-def test_generalized_features(backend: Backend, rng: np.random.Generator, kernel: str, m: int | None) -> None:
+def test_generalized_features(
+    backend: Backend, rng: np.random.Generator, kernel: str, m: int | None
+) -> None:
     xp = backend.xp
     fmap = fc.GeneralizedFeatures(kernel=kernel, m=m, seed=2, epsilon=1e-3)
     x, y = rng.standard_normal((4, 6)), rng.standard_normal((5, 6))
@@ -181,8 +199,12 @@ def test_generalized_features(backend: Backend, rng: np.random.Generator, kernel
         "identity": lambda a: a,
     }[kernel]
     width = 6 if m is None else m
-    np.testing.assert_allclose(check_array(backend, qf, shape=(4, width), dtype=xp.float64), f(px) + 1e-3, rtol=1e-13)
-    np.testing.assert_allclose(check_array(backend, kf, shape=(5, width), dtype=xp.float64), f(py) + 1e-3, rtol=1e-13)
+    np.testing.assert_allclose(
+        check_array(backend, qf, shape=(4, width), dtype=xp.float64), f(px) + 1e-3, rtol=1e-13
+    )
+    np.testing.assert_allclose(
+        check_array(backend, kf, shape=(5, width), dtype=xp.float64), f(py) + 1e-3, rtol=1e-13
+    )
 
 
 def test_generalized_features_take_a_callable(backend: Backend, rng: np.random.Generator) -> None:

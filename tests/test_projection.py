@@ -22,7 +22,9 @@ def test_same_seed_same_matrix_on_every_backend(backend: Backend, kind: str, row
     assert host.dtype == np.float64
     assert host.shape == (rows, 8)
     w64 = projection(rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float64, device=backend.device)
-    np.testing.assert_array_equal(check_array(backend, w64, shape=(rows, 8), dtype=xp.float64), host)
+    np.testing.assert_array_equal(
+        check_array(backend, w64, shape=(rows, 8), dtype=xp.float64), host
+    )
     w32 = projection(rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float32, device=backend.device)
     np.testing.assert_array_equal(
         check_array(backend, w32, shape=(rows, 8), dtype=xp.float32), host.astype(np.float32)
