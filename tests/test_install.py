@@ -73,3 +73,11 @@ def test_command_line_rejects_bad_options() -> None:
         cli.main(["demo", "--lengths", "0"])
     with pytest.raises(SystemExit):
         cli.main(["demo", "--input-std", "-1"])
+
+
+def test_readme_quickstart_runs() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    assert blocks, "the README has a Python quickstart"
+    for block in blocks:
+        exec(compile(block.split("```")[0], "README.md", "exec"), {})
