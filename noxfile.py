@@ -1,11 +1,19 @@
-"""Sessions: ``tests(numpy)``, ``tests(array_api_strict)``, ``lint``, ``demo``.
+"""Sessions: ``tests(<backend>)`` for each backend of the matrix, ``lint``, ``demo``.
 
-``nox`` with no arguments runs the test sessions and lint. Every session installs the
+``nox`` with no arguments runs every test session that can run on this machine (the
+CuPy session skips itself without an NVIDIA GPU) and lint. Every session installs the
 package non-editable (a built wheel), so the tests exercise the installed copy; the test
 suite checks this when ``FAVORCORE_EXPECT_INSTALLED`` is set, as here.
+
+PyTorch: ``FAVORCORE_TORCH`` is the requirement installed (default ``torch==2.13.0``, the
+CPU build this project's machines keep on disk; a plain ``torch`` pulls a CUDA build of
+several GB). Set it to e.g. ``torch`` on a GPU machine.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import nox
 
@@ -14,7 +22,16 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
-BACKENDS = ["numpy", "array_api_strict"]
+TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
+#: session id -> (matrix backends it runs, extra requirements)
+BACKENDS: dict[str, tuple[str, list[str]]] = {
+    "numpy": ("numpy", []),
+    "array_api_strict": ("array_api_strict", []),
+    "torch": ("torch,torch_cuda", [TORCH]),
+    "jax": ("jax", ["jax"]),
+    "dask": ("dask", ["dask[array,distributed]"]),
+    "cupy": ("cupy", [os.environ.get("FAVORCORE_CUPY", "cupy-cuda12x")]),
+}
 
 
 def _install(session: nox.Session, *groups: str) -> None:
@@ -26,11 +43,16 @@ def _install(session: nox.Session, *groups: str) -> None:
 
 
 @nox.session
-@nox.parametrize("backend", BACKENDS, ids=BACKENDS)
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
     """The conformance matrix on one backend, plus the doctests (on numpy)."""
+    if backend == "cupy" and shutil.which("nvidia-smi") is None:
+        session.skip("CuPy needs an NVIDIA GPU; none on this machine (no nvidia-smi)")
+    selected, extra = BACKENDS[backend]
     _install(session, "test")
-    env = {"FAVORCORE_BACKENDS": backend, "FAVORCORE_EXPECT_INSTALLED": "1"}
+    if extra:
+        session.install(*extra)
+    env = {"FAVORCORE_BACKENDS": selected, "FAVORCORE_EXPECT_INSTALLED": "1"}
     session.run("pytest", *session.posargs, env=env)
     if backend == "numpy" and not session.posargs:
         session.run(

@@ -32,10 +32,20 @@ class Backend:
 
 def to_numpy(x: Any) -> np.ndarray:
     """Any backend's array -> NumPy (via the host device where needed)."""
+    import array_api_compat
+
     if type(x).__module__.startswith("array_api_strict"):
         import array_api_strict
 
         x = x.to_device(array_api_strict.Device("CPU_DEVICE"))
+    elif array_api_compat.is_torch_array(x):
+        x = x.detach().cpu()
+        if x.dtype == x.new_empty(0).bfloat16().dtype:
+            x = x.float()
+    elif array_api_compat.is_cupy_array(x):
+        x = x.get()
+    elif array_api_compat.is_dask_array(x):
+        x = x.compute()
     return np.asarray(x)
 
 

@@ -8,6 +8,8 @@ from helpers import Backend
 
 import favorcore as fc
 
+lazy_xp_modules = [fc]  # see conftest.py: jax.jit on JAX, no compute on Dask
+
 FMAP = fc.PositiveFeatures(m=8, seed=0)
 
 

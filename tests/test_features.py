@@ -13,6 +13,8 @@ from helpers import Backend, check_array, to_numpy
 
 import favorcore as fc
 
+lazy_xp_modules = [fc]  # see conftest.py: jax.jit on JAX, no compute on Dask
+
 Z = 5.0  # two-sided z bound of unbiasedness checks: p ~ 6e-7 per pair
 
 
