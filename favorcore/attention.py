@@ -131,6 +131,19 @@ def _check_scale(scale: float | None, d: int) -> float:
     return float(scale)
 
 
+def _check_projection(features: FeatureMap, projection: Array | None, d: int) -> None:
+    if projection is None:
+        return
+    rows = features.feature_matrix(d)
+    if rows is None:
+        raise ValueError(f"projection: {type(features).__name__} with m=None uses no projection")
+    if tuple(projection.shape) != rows.shape:
+        raise ValueError(
+            f"projection must have shape {rows.shape} (features.feature_matrix(d)), got "
+            f"{tuple(projection.shape)}"
+        )
+
+
 def _check_causal(causal: bool, lq: int, lk: int, names: tuple[str, str]) -> None:
     if causal and lq != lk:
         raise ValueError(
@@ -338,6 +351,7 @@ def favor_attention(
     chunk_size: int | None = None,
     state: CausalState | None = None,
     return_state: bool = False,
+    projection: Array | None = None,
 ) -> Array | tuple[Array, CausalState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -368,6 +382,11 @@ def favor_attention(
         Running sums from an earlier causal call on the preceding tokens.
     return_state : bool
         Also return the :class:`CausalState` after this call (``causal=True`` only).
+    projection : array, optional
+        The matrix the features are computed from, shape ``(rows, d)`` as
+        ``features.feature_matrix(d)``, in ``q``'s namespace; by default the map's own
+        (drawn from its seed). Adapters pass theirs (a module buffer, a draw from a
+        ``jax.random`` key).
 
     Returns
     -------
@@ -407,7 +426,7 @@ def favor_attention(
     """
     if not isinstance(features, FeatureMap):
         raise TypeError(f"features must be a FeatureMap, got {type(features).__name__}")
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask)
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, projection=projection)
     batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
     _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
     if return_state and not causal:
@@ -415,13 +434,15 @@ def favor_attention(
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
     chunk = _check_chunk(chunk_size)
     root = math.sqrt(_check_scale(scale, q.shape[-1]))
+    _check_projection(features, projection, q.shape[-1])
     dtype = compute_dtype(xp, q.dtype)
     m = features.num_features(q.shape[-1])
     kv0 = _check_state(xp, state, causal, (*batch, m, v.shape[-1] + 1), dtype, q)
     x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
     if mask is not None:  # garbage in padding must not reach the features (or gradients)
         y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
-    qf, kf = features(x * root, y * root, key_mask=key_mask)
+    w = features.projection_like(x) if projection is None else xp.astype(projection, dtype)
+    qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
     out, kv = _linear_core(xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch)
     out = xp.astype(out, q.dtype)
     return (out, CausalState(kv)) if return_state else out

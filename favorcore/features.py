@@ -138,21 +138,27 @@ class FeatureMap:
             )
         return self._cache[key]  # type: ignore[no-any-return]
 
+    def feature_matrix(self, d: int) -> np.ndarray | None:
+        """The float64 host matrix :meth:`apply` expects for inputs of dimension ``d``.
+
+        The drawn projection ``W``, or ``[W; -W]`` for antithetic maps; None without one.
+        Adapters that keep the projection themselves (a module buffer) start from this.
+        """
+        host = self.host_projection(d)
+        return None if host is None else self._effective(host)
+
     def projection_like(self, x: Array) -> Array | None:
-        """The projection in ``x``'s namespace, device and compute dtype (cached)."""
+        """:meth:`feature_matrix` in ``x``'s namespace, device and compute dtype (cached)."""
         if self.rows is None:
             return None
         xp = namespace(x=x)
         dtype, dev, d = compute_dtype(xp, x.dtype), device(x), x.shape[-1]
         key = (xp.__name__, str(dtype), repr(dev), d)
         if key not in self._cache:
-            host = self.host_projection(d)
-            assert host is not None
-            self._remember(key, from_host(xp, self._effective(host), dtype=dtype, device=dev))
+            self._remember(key, from_host(xp, self.feature_matrix(d), dtype=dtype, device=dev))
         return self._cache[key]
 
     def _effective(self, host: np.ndarray) -> np.ndarray:
-        """The matrix the features are computed from (antithetic maps stack ``[W; -W]``)."""
         return host
 
     def _remember(self, key: tuple[Any, ...], value: Any) -> None:

@@ -375,3 +375,23 @@ def test_chunk_size_only_changes_rounding(
     )
     want = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=True, chunk_size=1))
     np.testing.assert_allclose(got, want, rtol=0, atol=bound(ref_u64(), 32, 8, np.abs(v).max()))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_an_explicit_projection_is_used(
+    backend: Backend, rng: np.random.Generator, causal: bool
+) -> None:
+    # Adapters pass their own matrix (a module buffer, a jax.random draw): the map's own
+    # matrix gives the map's result, another matrix gives the other map's result.
+    q, k, v = (rng.standard_normal((2, 12, 8)) / 2 for _ in range(3))
+    a = backend.asarray
+    mine, other = fc.hyperbolic_features(16, seed=1), fc.hyperbolic_features(16, seed=2)
+    w_other = a(other.feature_matrix(8))
+    got = to_numpy(
+        fc.favor_attention(a(q), a(k), a(v), features=mine, causal=causal, projection=w_other)
+    )
+    want = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=other, causal=causal))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    assert not np.allclose(
+        got, to_numpy(fc.favor_attention(a(q), a(k), a(v), features=mine, causal=causal))
+    )

@@ -23,6 +23,14 @@ def _inputs(backend: Backend, rng: np.random.Generator):
 
 
 CASES = [
+    (
+        "projection shape",
+        lambda q, k, v, a, xp: fc.favor_attention(
+            q, k, v, features=FMAP, projection=a(np.ones((8, 3)))
+        ),
+        ValueError,
+        r"projection must have shape \(8, 4\)",
+    ),
     # (description, call(q, k, v, a, xp) -> None, exception, message)
     (
         "rank-1 query",
