@@ -27,7 +27,7 @@ TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
 BACKENDS: dict[str, tuple[str, list[str]]] = {
     "numpy": ("numpy", []),
     "array_api_strict": ("array_api_strict", []),
-    "torch": ("torch,torch_cuda", [TORCH]),
+    "torch": ("torch,torch_cuda", [TORCH, "transformers"]),
     "jax": ("jax", ["jax"]),
     "dask": ("dask", ["dask[array,distributed]"]),
     "cupy": ("cupy", [os.environ.get("FAVORCORE_CUPY", "cupy-cuda12x")]),
@@ -70,6 +70,7 @@ def tests(session: nox.Session, backend: str) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (format and lint) and mypy."""
     _install(session, "lint")
+    session.install(TORCH)  # type-check the adapters against their frameworks
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
     session.run("mypy")

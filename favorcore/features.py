@@ -155,7 +155,9 @@ class FeatureMap:
         dtype, dev, d = compute_dtype(xp, x.dtype), device(x), x.shape[-1]
         key = (xp.__name__, str(dtype), repr(dev), d)
         if key not in self._cache:
-            self._remember(key, from_host(xp, self.feature_matrix(d), dtype=dtype, device=dev))
+            matrix = self.feature_matrix(d)
+            assert matrix is not None
+            self._remember(key, from_host(xp, matrix, dtype=dtype, device=dev))
         return self._cache[key]
 
     def _effective(self, host: np.ndarray) -> np.ndarray:

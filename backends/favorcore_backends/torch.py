@@ -1,0 +1,523 @@
+"""PyTorch adapter: a drop-in ``nn.MultiheadAttention``, model conversion, HF registration.
+
+The math is the core's (:func:`favorcore.favor_attention` runs on tensors as they are);
+this module adds what only PyTorch has:
+
+* :class:`FavorAttention`, a drop-in for :class:`torch.nn.MultiheadAttention` wherever
+  linear attention can honour the call (no attention weights, no arbitrary masks);
+* :func:`favorize`, which swaps the softmax attention of an existing model for FAVOR
+  attention, keeping its weights (the papers' backward compatibility);
+* :func:`register_transformers`, which registers FAVOR attention (and its mask function)
+  with Hugging Face ``transformers``;
+* memory-bounded backward passes of causal attention: the sequence is cut into segments
+  that are recomputed one at a time during backward (``torch.utils.checkpoint``),
+  carrying the core's causal state between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import favorcore
+from favorcore import CausalState, FeatureMap, PositiveFeatures
+
+__all__ = [
+    "DEFAULT_SEGMENT",
+    "FavorAttention",
+    "causal_favor_attention",
+    "favorize",
+    "register_transformers",
+]
+
+#: Tokens per recomputed segment in the backward pass of causal attention.
+DEFAULT_SEGMENT = 2048
+
+
+def causal_favor_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    features: FeatureMap,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+    projection: torch.Tensor | None = None,
+    segment: int | None = DEFAULT_SEGMENT,
+) -> torch.Tensor:
+    """Causal FAVOR attention whose backward pass keeps O(segment * m) activations.
+
+    Splits the sequence into segments of ``segment`` tokens and runs the core on each
+    under ``torch.utils.checkpoint``, carrying the :class:`~favorcore.CausalState`: the
+    forward stores only the inputs and one ``m x (dv + 1)`` state per segment, and the
+    backward recomputes one segment's features at a time. Without gradients (or with
+    ``segment=None``, or a sequence no longer than one segment) it is one core call. The
+    result equals :func:`favorcore.favor_attention` with ``causal=True`` to rounding.
+    """
+    kwargs: dict[str, Any] = {
+        "features": features, "causal": True, "scale": scale, "chunk_size": chunk_size,
+        "projection": projection,
+    }  # fmt: skip
+    length = q.shape[-2]
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)
+    )
+    if segment is None or not needs_grad or length <= segment:
+        return _favor(q, k, v, key_mask=key_mask, **kwargs)
+
+    def run(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, ms: torch.Tensor | None,
+            kv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        state = None if kv is None else CausalState(kv)
+        out, new = favorcore.favor_attention(
+            qs, ks, vs, key_mask=ms, state=state, return_state=True, **kwargs
+        )
+        return out, new.kv
+
+    outs, kv = [], None
+    for start in range(0, length, segment):
+        sl = slice(start, start + segment)
+        ms = None if key_mask is None else key_mask[..., sl]
+        out, kv = checkpoint(
+            run, q[..., sl, :], k[..., sl, :], v[..., sl, :], ms, kv, use_reentrant=False
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=-2)
+
+
+def _favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """:func:`favorcore.favor_attention` without ``return_state`` (typed for tensors)."""
+    out = favorcore.favor_attention(q, k, v, **kwargs)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def _is_causal_mask(mask: torch.Tensor, length: int) -> bool:
+    """True when ``mask`` is the (bool or additive float) causal mask of ``length``."""
+    if mask.shape[-2:] != (length, length):
+        return False
+    upper = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(
+            torch.equal(mask.expand(*mask.shape[:-2], length, length), upper.expand_as(mask))
+        )
+    blocked = torch.isneginf(mask)
+    return bool(torch.equal(blocked, upper.expand_as(mask)) and (mask[~blocked] == 0).all())
+
+
+class FavorAttention(nn.Module):
+    """FAVOR attention as a drop-in for :class:`torch.nn.MultiheadAttention`.
+
+    Takes the constructor arguments of ``nn.MultiheadAttention`` that linear attention can
+    honour and the same ``forward`` signature, returning ``(output, None)``. Causal
+    attention is asked for with ``is_causal=True`` or the causal ``attn_mask``; padding with
+    ``key_padding_mask`` (True = padding, or an additive float mask of 0/-inf). Anything
+    linear attention cannot honour raises ``ValueError`` saying why: attention weights
+    (``need_weights=True``), any other ``attn_mask``, attention dropout, ``add_bias_kv``,
+    ``add_zero_attn``.
+
+    The projection of the feature map is a buffer (``projection``): it moves with
+    ``.to()``, is saved in ``state_dict``, and is redrawn by :meth:`redraw`, every
+    ``redraw_interval`` training calls unless :meth:`freeze` was called. The q/k/v weights
+    are kept separate (``q_proj_weight``, ...; ``_qkv_same_embed_dim`` is False, which
+    keeps PyTorch's fused fast paths, which compute exact softmax attention, from
+    bypassing this module); a packed ``in_proj_weight`` from an ``nn.MultiheadAttention``
+    state dict loads too. The core runs with autocast disabled: it accumulates in float32
+    for half-precision inputs and returns their dtype.
+
+    Parameters
+    ----------
+    embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype
+        As in ``nn.MultiheadAttention`` (``dropout`` must be 0; ``add_bias_kv`` and
+        ``add_zero_attn`` must be False).
+    features : FeatureMap, optional
+        The feature map (default ``PositiveFeatures(m=256)`` with a fresh seed).
+    redraw_interval : int, optional
+        Redraw the projection every this many forward calls in training mode.
+    scale : float, optional
+        Logit scale (default ``1/sqrt(head_dim)``).
+    chunk_size : int, optional
+        Chunk length of causal attention.
+    segment : int or None
+        Tokens per recomputed segment of the causal backward pass (see
+        :func:`causal_favor_attention`); None stores every activation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> attn = FavorAttention(64, 4, batch_first=True, features=PositiveFeatures(m=128, seed=0))
+    >>> x = torch.randn(2, 100, 64)
+    >>> out, weights = attn(x, x, x, is_causal=True)
+    >>> out.shape, weights
+    (torch.Size([2, 100, 64]), None)
+    """
+
+    _qkv_same_embed_dim = False  # separate weights: see the class docstring
+    projection: torch.Tensor | None
+    calls: torch.Tensor
+    draws: torch.Tensor
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        features: FeatureMap | None = None,
+        redraw_interval: int | None = None,
+        scale: float | None = None,
+        chunk_size: int | None = None,
+        segment: int | None = DEFAULT_SEGMENT,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim must be a positive multiple of num_heads, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if dropout != 0.0:
+            raise ValueError(
+                f"dropout={dropout}: attention-weight dropout has no counterpart in linear "
+                "attention (the L x L weights are never formed); use dropout=0.0"
+            )
+        if add_bias_kv or add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported by FavorAttention")
+        if redraw_interval is not None and (
+            not isinstance(redraw_interval, int) or redraw_interval <= 0
+        ):
+            raise ValueError(
+                f"redraw_interval must be a positive integer or None, got {redraw_interval!r}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self.head_dim = embed_dim // num_heads
+        self.dropout = 0.0
+        self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+        self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+        self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+        self.register_parameter("in_proj_weight", None)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.features = PositiveFeatures(m=256) if features is None else features
+        if not isinstance(self.features, FeatureMap):
+            raise TypeError(f"features must be a FeatureMap, got {type(self.features).__name__}")
+        self.redraw_interval, self.scale, self.chunk_size, self.segment = (
+            redraw_interval, scale, chunk_size, segment,
+        )  # fmt: skip
+        self.frozen = False
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
+        matrix = self.features.feature_matrix(self.head_dim)
+        self.register_buffer(
+            "projection",
+            None
+            if matrix is None
+            else torch.as_tensor(matrix, dtype=dtype or torch.get_default_dtype(), device=device),
+        )
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(w)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            if self.out_proj.bias is not None:
+                nn.init.constant_(self.out_proj.bias, 0.0)
+
+    # -- projection management ----------------------------------------------------------
+
+    def redraw(self) -> None:
+        """Draw a new projection (deterministically from the map's seed and a counter)."""
+        if self.projection is None:
+            return
+        self.draws += 1
+        assert self.features.seed is not None  # FeatureMap draws one at construction
+        seed = int(
+            np.random.SeedSequence([self.features.seed, int(self.draws)]).generate_state(1)[0]
+        )
+        matrix = dataclasses.replace(self.features, seed=seed).feature_matrix(self.head_dim)
+        with torch.no_grad():
+            self.projection.copy_(torch.as_tensor(matrix, dtype=self.projection.dtype))
+
+    def freeze(self, frozen: bool = True) -> FavorAttention:
+        """Stop (or, with ``False``, resume) the periodic redraws; returns ``self``."""
+        self.frozen = frozen
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        packed = state_dict.pop(prefix + "in_proj_weight", None)
+        if packed is not None:  # an nn.MultiheadAttention state dict: split the packed weights
+            e = self.embed_dim
+            state_dict[prefix + "q_proj_weight"] = packed[:e]
+            state_dict[prefix + "k_proj_weight"] = packed[e : 2 * e]
+            state_dict[prefix + "v_proj_weight"] = packed[2 * e :]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def _causal(self, attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int) -> bool:
+        if attn_mask is None:
+            return is_causal
+        if is_causal:
+            return True  # as in PyTorch: is_causal is the promise that attn_mask is causal
+        if lq == lk and _is_causal_mask(attn_mask, lq):
+            return True
+        raise ValueError(
+            "attn_mask: FAVOR attention can honour only the causal mask (pass is_causal=True); "
+            "an arbitrary mask would need the L x L attention weights, which linear attention "
+            "never forms. Use key_padding_mask for padding."
+        )
+
+    @staticmethod
+    def _key_mask(
+        key_padding_mask: torch.Tensor | None, batch: int, length: int
+    ) -> torch.Tensor | None:
+        if key_padding_mask is None:
+            return None
+        if tuple(key_padding_mask.shape) not in ((batch, length), (length,)):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, S) = {(batch, length)}, got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype == torch.bool:
+            keep = ~key_padding_mask
+        elif key_padding_mask.is_floating_point():
+            blocked = torch.isneginf(key_padding_mask)
+            if not bool((key_padding_mask[~blocked] == 0).all()):
+                raise ValueError(
+                    "key_padding_mask: a float mask must hold only 0 (attend) and -inf "
+                    "(padding); an additive bias cannot be honoured by linear attention"
+                )
+            keep = ~blocked
+        else:
+            raise TypeError(f"key_padding_mask must be bool or float, got {key_padding_mask.dtype}")
+        return keep[..., None, :]  # (batch, 1 head, S)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Attention of ``query`` over ``key``/``value``; returns ``(output, None)``.
+
+        Shapes as in ``nn.MultiheadAttention``: ``(L, N, E)``, or ``(N, L, E)`` with
+        ``batch_first``, or unbatched ``(L, E)``.
+        """
+        if need_weights:
+            raise ValueError(
+                "need_weights=True: FAVOR attention never forms the L x L attention weights "
+                "(that is what makes it linear); call with need_weights=False"
+            )
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ValueError(
+                "nested tensors are not supported; pass padded tensors and key_padding_mask"
+            )
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query[:, None], key[:, None], value[:, None]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[None]
+        elif query.dim() != 3:
+            raise ValueError(
+                f"query must have shape (L, N, E), (N, L, E) or (L, E), got {tuple(query.shape)}"
+            )
+        if not self.batch_first or unbatched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, lq, lk = query.shape[0], query.shape[1], key.shape[1]
+        causal = self._causal(attn_mask, is_causal, lq, lk)
+        key_mask = self._key_mask(key_padding_mask, n, lk)
+        if self.training and self.redraw_interval and not self.frozen:
+            if int(self.calls) % self.redraw_interval == 0 and int(self.calls) > 0:
+                self.redraw()
+            self.calls += 1
+
+        b = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q = F.linear(query, self.q_proj_weight, b[0])
+        k = F.linear(key, self.k_proj_weight, b[1])
+        v = F.linear(value, self.v_proj_weight, b[2])
+        q, k, v = (
+            t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+            for t in (q, k, v)
+        )
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            kwargs: dict[str, Any] = {
+                "features": self.features, "key_mask": key_mask, "scale": self.scale,
+                "chunk_size": self.chunk_size, "projection": self.projection,
+            }  # fmt: skip
+            if causal:
+                out = causal_favor_attention(q, k, v, segment=self.segment, **kwargs)
+            else:
+                out = _favor(q, k, v, **kwargs)
+        out = self.out_proj(out.transpose(1, 2).flatten(-2))
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        return (out[:, 0] if unbatched else out), None
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+            f"features={self.features!r}, redraw_interval={self.redraw_interval}"
+        )
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention, **kwargs: Any) -> FavorAttention:
+        """A :class:`FavorAttention` with the weights, shapes and device of ``mha``.
+
+        ``mha``'s attention dropout has no counterpart and is dropped (the module's
+        other outputs are unchanged); ``kwargs`` go to the constructor (``features``, ...).
+        """
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported by FavorAttention")
+        ref = mha.out_proj.weight
+        new = cls(
+            mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
+            vdim=mha.vdim, batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype, **kwargs,
+        )  # fmt: skip
+        missing, unexpected = new.load_state_dict(mha.state_dict(), strict=False)
+        assert not unexpected, unexpected
+        assert set(missing) <= {"projection", "calls", "draws"}, missing
+        new.train(mha.training)
+        return new
+
+
+def favorize(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` by :class:`FavorAttention`.
+
+    Weights are kept (:meth:`FavorAttention.from_multihead`); ``nn.TransformerEncoder``
+    modules get ``use_nested_tensor = False`` (their nested-tensor fast path would bypass
+    the new attention). Works in place and returns ``model``. ``kwargs`` go to every new
+    module (``features=``, ``redraw_interval=``, ...); each gets the same feature map.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.TransformerEncoderLayer(32, 4, dropout=0.0, batch_first=True)
+    >>> layer = favorize(layer, features=PositiveFeatures(m=64, seed=0))
+    >>> type(layer.self_attn).__name__
+    'FavorAttention'
+    """
+    if isinstance(model, nn.MultiheadAttention):
+        return FavorAttention.from_multihead(model, **kwargs)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.MultiheadAttention):
+            setattr(model, name, FavorAttention.from_multihead(child, **kwargs))
+        else:
+            favorize(child, **kwargs)
+    if isinstance(model, nn.TransformerEncoder):
+        model.use_nested_tensor = False
+    return model
+
+
+def register_transformers(name: str = "favor", *, features: FeatureMap | None = None,
+                          chunk_size: int | None = None) -> str:  # fmt: skip
+    """Register FAVOR attention with Hugging Face ``transformers`` under ``name``.
+
+    Registers an attention function with ``AttentionInterface`` and a mask function with
+    ``AttentionMaskInterface`` (without it, ``transformers`` would hand over no usable
+    padding mask and padding would be silently ignored). The mask function gives the
+    attention function the key-padding mask and whether attention is causal; any other
+    mask (sliding windows, arbitrary patterns) raises. Load a model with
+    ``attn_implementation=name``, or set ``model.config._attn_implementation = name``.
+
+    Returns ``name``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    fmap = PositiveFeatures(m=256) if features is None else features
+    AttentionMaskInterface.register(name, _hf_mask)
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+        if query.shape[1] != key.shape[1]:  # grouped-query attention: repeat the kv heads
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        causal = bool(getattr(module, "is_causal", False))
+        key_mask = None
+        if isinstance(attention_mask, _HFMask):
+            causal, key_mask = attention_mask.causal, attention_mask.key_mask
+        elif attention_mask is not None:
+            raise ValueError(
+                f"attention_mask: the {name!r} attention needs its own mask function; "
+                f"call register_transformers({name!r}) before the model runs"
+            )
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            km = None if key_mask is None else key_mask[:, None, :]
+            if causal and query.shape[2] == key.shape[2]:
+                out = causal_favor_attention(query, key, value, features=fmap, key_mask=km,
+                                             scale=scaling, chunk_size=chunk_size)  # fmt: skip
+            elif causal:
+                raise ValueError(
+                    "causal attention with a key/value cache is not supported by this registration"
+                )
+            else:
+                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, attention)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class _HFMask:
+    """What the registered mask function hands to the registered attention function."""
+
+    causal: bool
+    key_mask: torch.Tensor | None  # (batch, kv_length) bool, True = attend
+
+
+def _hf_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> _HFMask:
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if local_size is not None:
+        raise ValueError("sliding-window attention cannot be honoured by FAVOR attention")
+    if mask_function is causal_mask_function:
+        causal = True
+    elif mask_function is bidirectional_mask_function or mask_function is None:
+        causal = False
+    else:  # or/and compositions, packed sequences, block overlays
+        raise ValueError(
+            "attention mask: FAVOR attention honours causal or full attention plus padding; "
+            f"this model asked for another pattern ({getattr(mask_function, '__name__', mask_function)})"
+        )
+    key_mask = None
+    if attention_mask is not None:
+        key_mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    return _HFMask(causal, key_mask)

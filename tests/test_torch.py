@@ -1,0 +1,300 @@
+"""The PyTorch adapter: the module's idioms (the conformance matrix covers the math)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ftorch = pytest.importorskip("favorcore_backends.torch")
+
+import favorcore as fc
+
+FMAP = fc.PositiveFeatures(m=64, seed=0)
+
+
+def _module(**kw):
+    kw.setdefault("features", FMAP)
+    return ftorch.FavorAttention(32, 4, batch_first=True, dtype=torch.float64, **kw)
+
+
+def _reference(mod, x, *, causal=False, key_mask=None):
+    """The module's computation written out: projections, core attention, output."""
+    w = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
+    b = mod.in_proj_bias.chunk(3)
+    q, k, v = (torch.nn.functional.linear(x, wi, bi) for wi, bi in zip(w, b, strict=True))
+    q, k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in (q, k, v))
+    out = fc.favor_attention(q, k, v, features=mod.features, causal=causal, key_mask=key_mask)
+    return mod.out_proj(out.transpose(1, 2).flatten(-2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_is_the_core_computation(causal: bool) -> None:
+    torch.manual_seed(0)
+    mod = _module()
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    out, weights = mod(x, x, x, is_causal=causal)
+    assert weights is None
+    torch.testing.assert_close(out, _reference(mod, x, causal=causal), rtol=1e-12, atol=1e-12)
+
+
+def test_sequence_first_and_unbatched_layouts() -> None:
+    torch.manual_seed(0)
+    mod = _module()
+    seq_first = copy.deepcopy(mod)
+    seq_first.batch_first = False
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    want = mod(x, x, x)[0]
+    torch.testing.assert_close(
+        seq_first(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))[0].transpose(0, 1), want
+    )
+    torch.testing.assert_close(mod(x[0], x[0], x[0])[0], want[0])
+
+
+def test_key_padding_mask_bool_and_float_ignore_padding_garbage() -> None:
+    torch.manual_seed(0)
+    mod = _module()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    dirty = x.clone()
+    dirty[0, 7:] = float("nan")
+    got_bool = mod(x, dirty, dirty, key_padding_mask=pad)[0]
+    float_mask = torch.zeros(2, 10, dtype=torch.float64).masked_fill(pad, float("-inf"))
+    got_float = mod(x, dirty, dirty, key_padding_mask=float_mask)[0]
+    want = _reference(mod, x, key_mask=~pad[:, None, :])
+    torch.testing.assert_close(got_bool, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_float, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="only 0 \\(attend\\) and -inf"):
+        mod(x, x, x, key_padding_mask=float_mask + 0.5)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        mod(x, x, x, key_padding_mask=pad[:, :5])
+
+
+def test_causal_attn_mask_is_honoured_and_others_raise() -> None:
+    torch.manual_seed(0)
+    mod = _module()
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    want = mod(x, x, x, is_causal=True)[0]
+    float_mask = torch.nn.Transformer.generate_square_subsequent_mask(12, dtype=torch.float64)
+    torch.testing.assert_close(mod(x, x, x, attn_mask=float_mask)[0], want)
+    torch.testing.assert_close(mod(x, x, x, attn_mask=float_mask.isinf())[0], want)
+    torch.testing.assert_close(mod(x, x, x, attn_mask=float_mask, is_causal=True)[0], want)
+    with pytest.raises(ValueError, match="can honour only the causal mask"):
+        mod(x, x, x, attn_mask=torch.zeros(12, 12, dtype=torch.bool).fill_diagonal_(True))
+    with pytest.raises(ValueError, match="need_weights=True: FAVOR attention never forms"):
+        mod(x, x, x, need_weights=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dropout": 0.1}, "attention-weight dropout has no counterpart"),
+        ({"add_bias_kv": True}, "add_bias_kv and add_zero_attn are not supported"),
+        ({"redraw_interval": 0}, "redraw_interval must be a positive integer"),
+    ],
+)
+def test_constructor_rejects_what_linear_attention_cannot_honour(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)
+    with pytest.raises(ValueError, match="embed_dim must be a positive multiple of num_heads"):
+        ftorch.FavorAttention(30, 4)
+
+
+@pytest.mark.parametrize(
+    ("causal", "masked", "segment"),
+    [
+        (False, False, None),
+        (False, True, None),
+        (True, False, None),
+        (True, True, None),
+        (True, True, 3),
+    ],
+)
+def test_gradcheck_float64(causal: bool, masked: bool, segment: int | None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        for _ in range(3)
+    )
+    mask = torch.rand(2, 7, generator=gen) < 0.7 if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    fmap = fc.hyperbolic_features(8, seed=1)
+
+    def f(q, k, v):
+        if causal:
+            return ftorch.causal_favor_attention(
+                q, k, v, features=fmap, key_mask=mask, chunk_size=2, segment=segment
+            )
+        return fc.favor_attention(q, k, v, features=fmap, key_mask=mask)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_segmented_backward_equals_plain_and_saves_less() -> None:
+    # The causal backward recomputes one segment at a time: the tensors autograd keeps
+    # are the inputs and one m x (dv+1) state per segment, not L x m features.
+    gen = torch.Generator().manual_seed(0)
+    L, d, m = 512, 16, 64
+    q, k, v = (
+        torch.randn(1, L, d, dtype=torch.float64, generator=gen, requires_grad=True)
+        for _ in range(3)
+    )
+    fmap = fc.PositiveFeatures(m=m, seed=2)
+
+    def run(segment):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            out = ftorch.causal_favor_attention(
+                q, k, v, features=fmap, segment=segment, chunk_size=32
+            )
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        return out, grads, sum(saved)
+
+    out_plain, g_plain, bytes_plain = run(None)
+    out_seg, g_seg, bytes_seg = run(128)
+    torch.testing.assert_close(out_seg, out_plain, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_seg, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert bytes_plain > L * m * 8  # at least one L x m feature matrix
+    inputs = 3 * L * d * 8
+    states = (L // 128) * m * (d + 1) * 8
+    assert bytes_seg <= 2 * (inputs + states), (bytes_seg, inputs, states)
+
+
+def test_redraw_interval_freeze_and_determinism() -> None:
+    mod = _module(redraw_interval=2)
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    first = mod.projection.clone()
+    mod.train()
+    mod(x, x, x)
+    mod(x, x, x)
+    torch.testing.assert_close(mod.projection, first)  # 2 calls: no redraw yet
+    mod(x, x, x)
+    assert not torch.equal(mod.projection, first)
+    assert int(mod.draws) == 1
+    twin = _module()
+    twin.redraw()
+    torch.testing.assert_close(twin.projection, mod.projection)  # same seed, same redraw
+    mod.freeze()
+    drawn = mod.projection.clone()
+    for _ in range(5):
+        mod(x, x, x)
+    torch.testing.assert_close(mod.projection, drawn)
+    mod.freeze(False).eval()
+    for _ in range(5):
+        mod(x, x, x)
+    torch.testing.assert_close(mod.projection, drawn)  # eval mode never redraws
+
+
+def test_state_dict_round_trip_and_to() -> None:
+    mod = _module()
+    mod.redraw()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    other = ftorch.FavorAttention(
+        32, 4, batch_first=True, dtype=torch.float64, features=fc.PositiveFeatures(m=64, seed=99)
+    )
+    other.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(other(x, x, x)[0], mod(x, x, x)[0], rtol=0, atol=0)
+    as32 = copy.deepcopy(mod).to(torch.float32)
+    assert as32.projection.dtype == torch.float32
+    out32 = as32(x.float(), x.float(), x.float())[0]
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), mod(x, x, x)[0], rtol=1e-4, atol=1e-5)
+    if torch.cuda.is_available():
+        cuda = copy.deepcopy(mod).to("cuda")
+        torch.testing.assert_close(cuda(x.cuda(), x.cuda(), x.cuda())[0].cpu(), mod(x, x, x)[0])
+
+
+def test_bf16_autocast_on_cpu() -> None:
+    torch.manual_seed(0)
+    mod = ftorch.FavorAttention(32, 4, batch_first=True, features=FMAP)
+    x = torch.randn(2, 16, 32)
+    want = mod(x, x, x, is_causal=True)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(x, x, x, is_causal=True)[0]
+    assert got.dtype == torch.bfloat16
+    assert torch.isfinite(got).all()
+    # bf16 projections in and out (unit roundoff 2^-8, a few roundings deep)
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_torch_compile_of_a_module_call() -> None:
+    torch.manual_seed(0)
+    mod = ftorch.FavorAttention(32, 4, batch_first=True, features=FMAP)
+    x = torch.randn(2, 24, 32)
+    want = mod(x, x, x, is_causal=True)[0]
+    compiled = torch.compile(mod)
+    got = compiled(x, x, x, is_causal=True)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_from_multihead_keeps_the_weights() -> None:
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64)
+    fav = ftorch.FavorAttention.from_multihead(mha, features=FMAP)
+    e = 32
+    torch.testing.assert_close(fav.q_proj_weight, mha.in_proj_weight[:e])
+    torch.testing.assert_close(fav.v_proj_weight, mha.in_proj_weight[2 * e :])
+    torch.testing.assert_close(fav.out_proj.weight, mha.out_proj.weight)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    torch.testing.assert_close(fav(x, x, x)[0], _reference(fav, x), rtol=1e-12, atol=1e-12)
+
+
+def test_favorized_model_approximates_the_original() -> None:
+    # Swapping attention keeps the weights, so the model's output stays close to the
+    # softmax model's; the error falls as m grows (FAVOR's estimator, not a new model).
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64)
+    x = 0.5 * torch.randn(2, 64, 32, dtype=torch.float64)
+    exact = mha(x, x, x, need_weights=False)[0]
+
+    def error(m: int, seed: int) -> float:
+        fav = ftorch.favorize(copy.deepcopy(mha), features=fc.PositiveFeatures(m=m, seed=seed))
+        return ((fav(x, x, x)[0] - exact).norm() / exact.norm()).item()
+
+    errs = [np.mean([error(m, s) for s in range(5)]) for m in (16, 1024)]
+    assert errs[1] < errs[0] / 3, errs
+    assert errs[1] < 0.1, errs
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_favorize_transformer_encoder_never_takes_the_fused_fast_path(nested: bool) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        32, 4, dim_feedforward=64, dropout=0.0, batch_first=True
+    )
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+    model = ftorch.favorize(model, features=FMAP)
+    assert not model.use_nested_tensor
+    assert all(isinstance(lay.self_attn, ftorch.FavorAttention) for lay in model.layers)
+    x = torch.randn(2, 10, 32)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.no_grad():
+        got = model(x, src_key_padding_mask=pad)
+        # the same layers with PyTorch's fast paths switched off: our modules run
+        with _fastpath(False):
+            want = model(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got, want)
+    dirty = x.clone()
+    dirty[1, 6:] = 1e3
+    with torch.no_grad():
+        torch.testing.assert_close(model(dirty, src_key_padding_mask=pad)[1, :6], got[1, :6])
+
+
+class _fastpath:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(self.enabled)
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.mha.set_fastpath_enabled(self.before)

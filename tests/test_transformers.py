@@ -1,0 +1,79 @@
+"""Hugging Face ``transformers`` registration: padding honoured, causality kept."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+ftorch = pytest.importorskip("favorcore_backends.torch")
+
+import favorcore as fc
+
+NAME = ftorch.register_transformers("favor_test", features=fc.PositiveFeatures(m=512, seed=0))
+
+
+def _bert(impl: str):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation=impl,
+    )  # fmt: skip
+    return transformers.BertModel(config).eval()
+
+
+def _llama(impl: str):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation=impl,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_bert_with_favor_ignores_padding_and_approximates_sdpa() -> None:
+    favor, sdpa = _bert(NAME), _bert("sdpa")
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        out = favor(input_ids=ids, attention_mask=mask).last_hidden_state
+        other = ids.clone()
+        other[1, 8:] = (other[1, 8:] + 7) % 64  # change only the padding
+        out2 = favor(input_ids=other, attention_mask=mask).last_hidden_state
+        exact = sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out2[1, :8], out[1, :8], rtol=1e-5, atol=1e-5)
+    valid = mask.bool()
+    err = (out - exact)[valid].norm() / exact[valid].norm()
+    # FAVOR ran (not sdpa), with the same weights: the random init's tiny weights make
+    # attention nearly uniform, so the estimate is very close
+    assert 1e-6 < err < 0.05, err
+
+
+def test_llama_with_favor_is_causal_and_honours_padding() -> None:
+    favor, sdpa = _llama(NAME), _llama("sdpa")
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        logits = favor(input_ids=ids).logits
+        later = ids.clone()
+        later[:, 6:] = (later[:, 6:] + 5) % 64  # change the future only
+        logits2 = favor(input_ids=later).logits
+        exact = sdpa(input_ids=ids).logits
+    torch.testing.assert_close(logits2[:, :6], logits[:, :6], rtol=1e-5, atol=1e-5)
+    assert 1e-4 < (logits - exact).norm() / exact.norm() < 0.05
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        a = favor(input_ids=ids, attention_mask=mask).logits
+        changed = ids.clone()
+        changed[0, :3] = (changed[0, :3] + 9) % 64
+        b = favor(input_ids=changed, attention_mask=mask).logits
+    torch.testing.assert_close(a[0, 3:], b[0, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_unregistered_mask_is_refused() -> None:
+    attention = transformers.AttentionInterface._global_mapping[NAME]
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="needs its own mask function"):
+        attention(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 4, 4))
