@@ -70,7 +70,8 @@ def tests(session: nox.Session, backend: str) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (format and lint) and mypy."""
     _install(session, "lint")
-    session.install(TORCH)  # type-check the adapters against their frameworks
+    # type-check the adapters against their frameworks
+    session.install(TORCH, "jax", "flax", "dask[array,distributed]")
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
     session.run("mypy")

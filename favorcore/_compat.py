@@ -25,6 +25,7 @@ __all__ = [
     "from_host",
     "is_eager",
     "is_floating",
+    "is_tracer",
     "namespace",
     "stop_gradient",
 ]
@@ -79,6 +80,15 @@ def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
 def is_eager(x: Array) -> bool:
     """True when the values of ``x`` can be read now (not a JAX tracer, not a Dask graph)."""
     return not array_api_compat.is_lazy_array(x)
+
+
+def is_tracer(x: Array) -> bool:
+    """True for a JAX tracer (a value inside ``jit``/``grad``): never cache one."""
+    if not array_api_compat.is_jax_array(x):
+        return False
+    import jax  # the array is a JAX array, so JAX is already imported
+
+    return isinstance(x, jax.core.Tracer)
 
 
 def stop_gradient(xp: ModuleType, x: Array) -> Array:

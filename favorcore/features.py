@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, compute_dtype, device, from_host, is_floating, namespace, stop_gradient
+from ._compat import (
+    Array,
+    compute_dtype,
+    device,
+    from_host,
+    is_floating,
+    is_tracer,
+    namespace,
+    stop_gradient,
+)
 from .projection import (
     NORM_KINDS,
     PROJECTION_KINDS,
@@ -145,7 +154,7 @@ class FeatureMap:
         Adapters that keep the projection themselves (a module buffer) start from this.
         """
         host = self.host_projection(d)
-        return None if host is None else self._effective(host)
+        return None if host is None else self.stack_rows(host)
 
     def projection_like(self, x: Array) -> Array | None:
         """:meth:`feature_matrix` in ``x``'s namespace, device and compute dtype (cached)."""
@@ -154,14 +163,21 @@ class FeatureMap:
         xp = namespace(x=x)
         dtype, dev, d = compute_dtype(xp, x.dtype), device(x), x.shape[-1]
         key = (xp.__name__, str(dtype), repr(dev), d)
-        if key not in self._cache:
-            matrix = self.feature_matrix(d)
-            assert matrix is not None
-            self._remember(key, from_host(xp, matrix, dtype=dtype, device=dev))
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        matrix = self.feature_matrix(d)
+        assert matrix is not None
+        w = from_host(xp, matrix, dtype=dtype, device=dev)
+        if not is_tracer(w):  # under jax.jit the constant is a tracer of this trace only
+            self._remember(key, w)
+        return w
 
-    def _effective(self, host: np.ndarray) -> np.ndarray:
-        return host
+    def stack_rows(self, w: Array) -> Array:
+        """The matrix :meth:`apply` expects, from drawn projection rows ``w`` (any namespace).
+
+        ``w`` itself, or ``[w; -w]`` for antithetic maps.
+        """
+        return w
 
     def _remember(self, key: tuple[Any, ...], value: Any) -> None:
         if len(self._cache) >= _CACHE_SIZE:
@@ -275,8 +291,12 @@ class PositiveFeatures(FeatureMap):
         """Antithetic features come in ``+-w`` pairs."""
         return self.antithetic
 
-    def _effective(self, host: np.ndarray) -> np.ndarray:
-        return np.concatenate([host, -host]) if self.antithetic else host
+    def stack_rows(self, w: Array) -> Array:
+        """``[w; -w]`` for the antithetic (hyperbolic) map, else ``w``."""
+        if not self.antithetic:
+            return w
+        xp = namespace(w=w)
+        return xp.concat([w, -w], axis=0)
 
     def apply(
         self,
