@@ -14,7 +14,7 @@ that array-api-compat supports: NumPy, CuPy, PyTorch, JAX, Dask and array-api-st
 
 from .attention import (
     DEFAULT_CHUNK_SIZE,
-    CausalState,
+    AttentionState,
     favor_attention,
     linear_attention,
     softmax_attention,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "CausalState",
+    "AttentionState",
     "FeatureMap",
     "GeneralizedFeatures",
     "PositiveFeatures",

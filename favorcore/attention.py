@@ -12,7 +12,7 @@ by the features, and its last column is the denominator.
 Causal attention uses chunked prefix sums (DESIGN.md section 4). Within a chunk of ``C``
 positions the masked ``C x C`` product is used; across chunks, the per-chunk sums
 ``phi(K_c)^T [V_c | 1]`` are prefix-summed with one ``cumulative_sum``. A running
-:class:`CausalState` carries the sums from one call to the next, so a long sequence can be
+:class:`AttentionState` carries the sums from one call to the next, so a long sequence can be
 processed in pieces (prefill, streaming, one-token decoding) with the same result as one
 call.
 """
@@ -28,7 +28,7 @@ from .features import FeatureMap
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "CausalState",
+    "AttentionState",
     "favor_attention",
     "linear_attention",
     "softmax_attention",
@@ -39,12 +39,16 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 128
 
 
-class CausalState(NamedTuple):
-    """Running sums of causal linear attention, carried between calls.
+class AttentionState(NamedTuple):
+    """Sums over keys of linear attention, carried between calls.
 
     ``kv[..., :dv]`` is ``sum_j phi(k_j) v_j^T`` and ``kv[..., dv]`` is ``sum_j phi(k_j)``
     over the keys seen so far; shape ``batch + (m, dv + 1)``, in the compute dtype
     (float32 or wider). A NamedTuple, so it is a JAX pytree.
+
+    Causal calls carry it along the sequence (prefill, streaming, decoding). In
+    bidirectional calls it stands for keys given elsewhere (other chunks of a long or
+    distributed sequence): the queries attend to them and to the call's own keys.
     """
 
     kv: Array
@@ -162,18 +166,15 @@ def _check_chunk(chunk_size: int | None) -> int:
 
 def _check_state(
     xp: ModuleType,
-    state: CausalState | None,
-    causal: bool,
+    state: AttentionState | None,
     expected: tuple[int, ...],
     dtype: Any,
     like: Array,
 ) -> Array | None:
     if state is None:
         return None
-    if not causal:
-        raise ValueError("state= is only meaningful with causal=True")
-    if not isinstance(state, CausalState):
-        raise TypeError(f"state must be a CausalState, got {type(state).__name__}")
+    if not isinstance(state, AttentionState):
+        raise TypeError(f"state must be a AttentionState, got {type(state).__name__}")
     namespace(state=state.kv, inputs=like)  # same framework as the inputs
     if tuple(state.kv.shape) != expected:
         raise ValueError(
@@ -238,7 +239,10 @@ def _linear_core(
     dv = v.shape[-1]
     if not causal:
         kv = xp.matrix_transpose(kf) @ v1
-        return _normalise(xp, qf @ kv, dv), None
+        if kv0 is not None:
+            kv = kv + kv0
+        kv = xp.broadcast_to(kv, (*batch, *kv.shape[-2:]))
+        return _normalise(xp, qf @ kv, dv), kv
     length = qf.shape[-2]
     qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
     kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
@@ -274,9 +278,9 @@ def linear_attention(
     causal: bool = False,
     key_mask: Array | None = None,
     chunk_size: int | None = None,
-    state: CausalState | None = None,
+    state: AttentionState | None = None,
     return_state: bool = False,
-) -> Array | tuple[Array, CausalState]:
+) -> Array | tuple[Array, AttentionState]:
     r"""Linear attention ``D^-1 phi(Q) (phi(K)^T [V | 1])`` on precomputed features.
 
     Parameters
@@ -295,10 +299,12 @@ def linear_attention(
     chunk_size : int, optional
         Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`); the result
         does not depend on it beyond rounding.
-    state : CausalState, optional
-        Sums over keys from an earlier call (``causal=True`` only).
+    state : AttentionState, optional
+        Sums over keys given earlier (causal: the preceding tokens; bidirectional: more
+        keys every query attends to).
     return_state : bool
-        Also return the :class:`CausalState` after this call (``causal=True`` only).
+        Also return the :class:`AttentionState` after this call: ``state`` plus this call's
+        keys.
 
     Returns
     -------
@@ -325,18 +331,16 @@ def linear_attention(
     xp = namespace(qf=qf, kf=kf, v=v, key_mask=key_mask)
     batch = _check_qkv(xp, qf, kf, v, ("qf", "kf", "v"))
     _check_causal(causal, qf.shape[-2], kf.shape[-2], ("qf", "kf"))
-    if return_state and not causal:
-        raise ValueError("return_state=True is only meaningful with causal=True")
     mask = _check_mask(xp, key_mask, batch, kf.shape[-2])
     chunk = _check_chunk(chunk_size)
     dtype = compute_dtype(xp, qf.dtype)
-    kv0 = _check_state(xp, state, causal, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
+    kv0 = _check_state(xp, state, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
     out, kv = _linear_core(
         xp, xp.astype(qf, dtype), xp.astype(kf, dtype), v, mask,
         causal=causal, chunk=chunk, kv0=kv0, batch=batch,
     )  # fmt: skip
     out = xp.astype(out, v.dtype)
-    return (out, CausalState(kv)) if return_state else out
+    return (out, AttentionState(kv)) if return_state else out
 
 
 def favor_attention(
@@ -349,10 +353,10 @@ def favor_attention(
     key_mask: Array | None = None,
     scale: float | None = None,
     chunk_size: int | None = None,
-    state: CausalState | None = None,
+    state: AttentionState | None = None,
     return_state: bool = False,
     projection: Array | None = None,
-) -> Array | tuple[Array, CausalState]:
+) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
     Computes ``D^-1 phi(Q') (phi(K')^T [V | 1])`` with ``Q' = sqrt(scale) q`` and
@@ -378,10 +382,13 @@ def favor_attention(
         Logit scale; ``1/sqrt(d)`` when omitted, as in ``scaled_dot_product_attention``.
     chunk_size : int, optional
         Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`).
-    state : CausalState, optional
-        Running sums from an earlier causal call on the preceding tokens.
+    state : AttentionState, optional
+        Sums over keys given earlier: in causal calls the preceding tokens, in
+        bidirectional calls more keys that every query attends to (other chunks of a
+        sequence processed elsewhere).
     return_state : bool
-        Also return the :class:`CausalState` after this call (``causal=True`` only).
+        Also return the :class:`AttentionState` after this call: ``state`` plus this
+        call's keys.
     projection : array, optional
         The matrix the features are computed from, shape ``(rows, d)`` as
         ``features.feature_matrix(d)``, in ``q``'s namespace; by default the map's own
@@ -429,15 +436,13 @@ def favor_attention(
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, projection=projection)
     batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
     _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
-    if return_state and not causal:
-        raise ValueError("return_state=True is only meaningful with causal=True")
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
     chunk = _check_chunk(chunk_size)
     root = math.sqrt(_check_scale(scale, q.shape[-1]))
     _check_projection(features, projection, q.shape[-1])
     dtype = compute_dtype(xp, q.dtype)
     m = features.num_features(q.shape[-1])
-    kv0 = _check_state(xp, state, causal, (*batch, m, v.shape[-1] + 1), dtype, q)
+    kv0 = _check_state(xp, state, (*batch, m, v.shape[-1] + 1), dtype, q)
     x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
     if mask is not None:  # garbage in padding must not reach the features (or gradients)
         y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
@@ -445,7 +450,7 @@ def favor_attention(
     qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
     out, kv = _linear_core(xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch)
     out = xp.astype(out, q.dtype)
-    return (out, CausalState(kv)) if return_state else out
+    return (out, AttentionState(kv)) if return_state else out
 
 
 def softmax_attention(

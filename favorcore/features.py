@@ -316,7 +316,9 @@ class PositiveFeatures(FeatureMap):
         offset = xp.where(half_sq > _key_bound(xp, w.dtype), half_sq - _key_bound(xp, w.dtype), 0.0)
         # Queries: -|x|^2/2 is a per-row constant and dropped; the per-row max is exact.
         lq = px + offset
-        qf = xp.exp(lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True)) - half_log_m)
+        if lq.shape[-2] != 0:  # (no queries: a key-only call; Dask cannot reduce empty arrays)
+            lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
+        qf = xp.exp(lq - half_log_m)
         # Keys: no data-dependent shift; every value is <= exp(B).
         kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) - (offset + half_log_m))
         return qf, kf

@@ -284,7 +284,7 @@ def test_state_carrying_calls_equal_one_call(
         )  # fmt: skip
         pieces.append(to_numpy(out))
         start += n
-    assert isinstance(state, fc.CausalState)
+    assert isinstance(state, fc.AttentionState)
     check_array(backend, state.kv, shape=(2, 3, 16, 9), dtype=dt)
     np.testing.assert_allclose(
         np.concatenate(pieces, axis=-2),
@@ -394,4 +394,32 @@ def test_an_explicit_projection_is_used(
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
     assert not np.allclose(
         got, to_numpy(fc.favor_attention(a(q), a(k), a(v), features=mine, causal=causal))
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bidirectional_state_stands_for_keys_given_elsewhere(
+    backend: Backend, rng: np.random.Generator, masked: bool
+) -> None:
+    # Keys split into pieces (as on the workers of a distributed computation): the sums of
+    # each piece, added, and then applied to the queries, equal one call over all keys.
+    q, k, v = (
+        rng.standard_normal((2, 7, 8)) / 2,
+        rng.standard_normal((2, 30, 8)) / 2,
+        rng.standard_normal((2, 30, 5)),
+    )
+    mask = rng.random((2, 30)) < 0.7 if masked else np.ones((2, 30), bool)
+    fmap = fc.PositiveFeatures(m=16, seed=4)
+    a = backend.asarray
+    one = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, key_mask=a(mask)))
+    state = None
+    for s in (slice(0, 11), slice(11, 12), slice(12, 30)):
+        _, state = fc.favor_attention(
+            a(q[:, :0]), a(k[:, s]), a(v[:, s]), features=fmap, key_mask=a(mask[:, s]),
+            state=state, return_state=True,
+        )  # fmt: skip
+    none = a(np.zeros((2, 0, 8)))
+    got = fc.favor_attention(a(q), none, a(np.zeros((2, 0, 5))), features=fmap, state=state)
+    np.testing.assert_allclose(
+        to_numpy(got), one, rtol=0, atol=bound(ref_u64(), 30, 16, np.abs(v).max())
     )

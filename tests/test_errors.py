@@ -151,23 +151,9 @@ CASES = [
         "features must be a FeatureMap",
     ),
     (
-        "state without causal",
-        lambda q, k, v, a, xp: fc.favor_attention(
-            q, k, v, features=FMAP, state=fc.CausalState(a(np.zeros((2, 8, 4))))
-        ),
-        ValueError,
-        "state= is only meaningful with causal=True",
-    ),
-    (
-        "return_state without causal",
-        lambda q, k, v, a, xp: fc.favor_attention(q, k, v, features=FMAP, return_state=True),
-        ValueError,
-        "return_state=True is only meaningful",
-    ),
-    (
         "state of other m",
         lambda q, k, v, a, xp: fc.favor_attention(
-            q, k, v, features=FMAP, causal=True, state=fc.CausalState(a(np.zeros((2, 16, 4))))
+            q, k, v, features=FMAP, causal=True, state=fc.AttentionState(a(np.zeros((2, 16, 4))))
         ),
         ValueError,
         r"state.kv has shape \(2, 16, 4\), but these inputs need batch \+ \(m, dv \+ 1\) = \(2, 8, 4\)",
@@ -175,18 +161,18 @@ CASES = [
     (
         "state of other batch",
         lambda q, k, v, a, xp: fc.favor_attention(
-            q, k, v, features=FMAP, causal=True, state=fc.CausalState(a(np.zeros((3, 8, 4))))
+            q, k, v, features=FMAP, causal=True, state=fc.AttentionState(a(np.zeros((3, 8, 4))))
         ),
         ValueError,
         "state.kv has shape",
     ),
     (
-        "state not a CausalState",
+        "state not a AttentionState",
         lambda q, k, v, a, xp: fc.favor_attention(
             q, k, v, features=FMAP, causal=True, state=a(np.zeros((2, 8, 4)))
         ),
         TypeError,
-        "state must be a CausalState",
+        "state must be a AttentionState",
     ),
     (
         "not an array",
@@ -258,6 +244,6 @@ def test_arrays_of_two_frameworks_raise(rng: np.random.Generator, function: str)
 def test_state_from_another_framework_raises(rng: np.random.Generator) -> None:
     strict = pytest.importorskip("array_api_strict")
     q = rng.standard_normal((6, 4))
-    state = fc.CausalState(strict.asarray(np.zeros((8, 5))))
+    state = fc.AttentionState(strict.asarray(np.zeros((8, 5))))
     with pytest.raises(TypeError, match="arrays from more than one array framework"):
         fc.favor_attention(q, q, q, features=FMAP, causal=True, state=state)

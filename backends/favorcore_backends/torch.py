@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import favorcore
-from favorcore import CausalState, FeatureMap, PositiveFeatures
+from favorcore import AttentionState, FeatureMap, PositiveFeatures
 
 __all__ = [
     "DEFAULT_SEGMENT",
@@ -55,7 +55,7 @@ def causal_favor_attention(
     """Causal FAVOR attention whose backward pass keeps O(segment * m) activations.
 
     Splits the sequence into segments of ``segment`` tokens and runs the core on each
-    under ``torch.utils.checkpoint``, carrying the :class:`~favorcore.CausalState`: the
+    under ``torch.utils.checkpoint``, carrying the :class:`~favorcore.AttentionState`: the
     forward stores only the inputs and one ``m x (dv + 1)`` state per segment, and the
     backward recomputes one segment's features at a time. Without gradients (or with
     ``segment=None``, or a sequence no longer than one segment) it is one core call. The
@@ -74,7 +74,7 @@ def causal_favor_attention(
 
     def run(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, ms: torch.Tensor | None,
             kv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        state = None if kv is None else CausalState(kv)
+        state = None if kv is None else AttentionState(kv)
         out, new = favorcore.favor_attention(
             qs, ks, vs, key_mask=ms, state=state, return_state=True, **kwargs
         )
