@@ -22,9 +22,8 @@ import functools
 from typing import Any
 
 import array_api_compat
-import dask
 import dask.array as da
-from dask.delayed import Delayed
+from dask.delayed import Delayed, delayed
 
 import favorcore
 from favorcore import AttentionState, FeatureMap
@@ -70,7 +69,7 @@ def _blocks(x: da.Array) -> list[Delayed]:
 
 def _tree_sum(items: list[Delayed]) -> Delayed:
     while len(items) > 1:
-        pairs = [dask.delayed(_add)(a, b) for a, b in zip(items[::2], items[1::2], strict=False)]
+        pairs = [delayed(_add)(a, b) for a, b in zip(items[::2], items[1::2], strict=False)]
         items = pairs + ([items[-1]] if len(items) % 2 else [])
     return items[0]
 
@@ -146,23 +145,23 @@ def favor_attention(
                 "causal attention needs q, k and v of one length, chunked alike along L"
             )
         sums = [
-            dask.delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
+            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
             for kk, vv, mm in zip(kb, vb, mb, strict=True)
         ]
         prefixes: list[Any] = [None]
         for s in sums[:-1]:
-            prefixes.append(s if prefixes[-1] is None else dask.delayed(_add)(prefixes[-1], s))
+            prefixes.append(s if prefixes[-1] is None else delayed(_add)(prefixes[-1], s))
         outs = [
-            dask.delayed(functools.partial(_causal_block, **kw))(qq, kk, vv, mm, pp, chunk_size)
+            delayed(functools.partial(_causal_block, **kw))(qq, kk, vv, mm, pp, chunk_size)
             for qq, kk, vv, mm, pp in zip(qb, kb, vb, mb, prefixes, strict=True)
         ]
     else:
         sums = [
-            dask.delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
+            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
             for kk, vv, mm in zip(kb, vb, mb, strict=True)
         ]
         total = _tree_sum(sums)
-        outs = [dask.delayed(functools.partial(_answer, **kw))(qq, total) for qq in qb]
+        outs = [delayed(functools.partial(_answer, **kw))(qq, total) for qq in qb]
     arrays = [
         da.from_delayed(o, shape=(*batch, n, dv), dtype=q.dtype, meta=q._meta)
         for o, n in zip(outs, q.chunks[-2], strict=True)
