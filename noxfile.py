@@ -23,14 +23,18 @@ nox.options.sessions = ["tests", "lint"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
-#: session id -> (matrix backends it runs, extra requirements)
-BACKENDS: dict[str, tuple[str, list[str]]] = {
-    "numpy": ("numpy", []),
-    "array_api_strict": ("array_api_strict", []),
-    "torch": ("torch,torch_cuda", [TORCH, "transformers"]),
-    "jax": ("jax", ["jax"]),
-    "dask": ("dask", ["dask[array,distributed]"]),
-    "cupy": ("cupy", [os.environ.get("FAVORCORE_CUPY", "cupy-cuda12x")]),
+#: session id -> (matrix backends it runs, extra requirements, modules whose doctests run)
+BACKENDS: dict[str, tuple[str, list[str], list[str]]] = {
+    "numpy": ("numpy", ["scikit-learn"], ["favorcore", "favorcore_backends.numpy"]),
+    "array_api_strict": ("array_api_strict", [], []),
+    "torch": ("torch,torch_cuda", [TORCH, "transformers"], ["favorcore_backends.torch"]),
+    "jax": ("jax", ["jax", "flax"], ["favorcore_backends.jax", "favorcore_backends.flax"]),
+    "dask": ("dask", ["dask[array,distributed]"], ["favorcore_backends.dask"]),
+    "cupy": (
+        "cupy",
+        [os.environ.get("FAVORCORE_CUPY", "cupy-cuda12x")],
+        ["favorcore_backends.cupy"],
+    ),
 }
 
 
@@ -71,7 +75,7 @@ def lint(session: nox.Session) -> None:
     """ruff (format and lint) and mypy."""
     _install(session, "lint")
     # type-check the adapters against their frameworks
-    session.install(TORCH, "jax", "flax", "dask[array,distributed]")
+    session.install(TORCH, "jax", "flax", "dask[array,distributed]", "scikit-learn")
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
     session.run("mypy")
