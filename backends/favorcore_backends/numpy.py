@@ -118,12 +118,14 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def transform(self, X: Any) -> np.ndarray:
         """Features of the rows of ``X``, shape ``(n_samples, n_components)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        rows: np.ndarray = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         if self.kernel == "softmax":
-            return np.asarray(self.feature_map_.phi(X * math.sqrt(self.scale)))
+            return np.asarray(self.feature_map_.phi(rows * math.sqrt(self.scale)))
         # exp(-g|x-y|^2) = exp(-g|x|^2) exp(-g|y|^2) exp(2g x.y)
         phi = np.asarray(self.feature_map_.phi(X * math.sqrt(2.0 * self.gamma)))
-        return phi * np.exp(-self.gamma * (X * X).sum(axis=1, keepdims=True)).astype(phi.dtype)
+        return np.multiply(
+            phi, np.exp(-self.gamma * (X * X).sum(axis=1, keepdims=True)), dtype=phi.dtype
+        )
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
