@@ -122,10 +122,9 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         if self.kernel == "softmax":
             return np.asarray(self.feature_map_.phi(rows * math.sqrt(self.scale)))
         # exp(-g|x-y|^2) = exp(-g|x|^2) exp(-g|y|^2) exp(2g x.y)
-        phi = np.asarray(self.feature_map_.phi(X * math.sqrt(2.0 * self.gamma)))
-        return np.multiply(
-            phi, np.exp(-self.gamma * (X * X).sum(axis=1, keepdims=True)), dtype=phi.dtype
-        )
+        phi = np.asarray(self.feature_map_.phi(rows * math.sqrt(2.0 * self.gamma)))
+        norms = np.asarray(np.exp(-self.gamma * (rows * rows).sum(axis=1, keepdims=True)))
+        return phi * norms.astype(phi.dtype)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
