@@ -124,7 +124,8 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         # exp(-g|x-y|^2) = exp(-g|x|^2) exp(-g|y|^2) exp(2g x.y)
         phi = np.asarray(self.feature_map_.phi(rows * math.sqrt(2.0 * self.gamma)))
         norms = np.asarray(np.exp(-self.gamma * (rows * rows).sum(axis=1, keepdims=True)))
-        return phi * norms.astype(phi.dtype)
+        features: np.ndarray = phi * norms.astype(phi.dtype)
+        return features
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
