@@ -80,13 +80,16 @@ def causal_favor_attention(
         )
         return out, new.kv
 
+    # split (not slicing): the backward of split concatenates the pieces' gradients once,
+    # where slicing would allocate a full-length gradient for every piece
+    pieces = zip(
+        q.split(segment, dim=-2), k.split(segment, dim=-2), v.split(segment, dim=-2),
+        [None] * -(-length // segment) if key_mask is None else key_mask.split(segment, dim=-1),
+        strict=True,
+    )  # fmt: skip
     outs, kv = [], None
-    for start in range(0, length, segment):
-        sl = slice(start, start + segment)
-        ms = None if key_mask is None else key_mask[..., sl]
-        out, kv = checkpoint(
-            run, q[..., sl, :], k[..., sl, :], v[..., sl, :], ms, kv, use_reentrant=False
-        )
+    for qs, ks, vs, ms in pieces:
+        out, kv = checkpoint(run, qs, ks, vs, ms, kv, use_reentrant=False)
         outs.append(out)
     return torch.cat(outs, dim=-2)
 
