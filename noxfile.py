@@ -49,24 +49,18 @@ def _install(session: nox.Session, *groups: str) -> None:
 @nox.session
 @nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
-    """The conformance matrix on one backend, plus the doctests (on numpy)."""
+    """The conformance matrix on one backend, plus the doctests of its modules."""
     if backend == "cupy" and shutil.which("nvidia-smi") is None:
         session.skip("CuPy needs an NVIDIA GPU; none on this machine (no nvidia-smi)")
-    selected, extra = BACKENDS[backend]
+    selected, extra, doctests = BACKENDS[backend]
     _install(session, "test")
     if extra:
         session.install(*extra)
     env = {"FAVORCORE_BACKENDS": selected, "FAVORCORE_EXPECT_INSTALLED": "1"}
     session.run("pytest", *session.posargs, env=env)
-    if backend == "numpy" and not session.posargs:
+    if doctests and not session.posargs:
         session.run(
-            "pytest",
-            "--doctest-modules",
-            "--pyargs",
-            "favorcore",
-            "-p",
-            "no:cacheprovider",
-            env=env,
+            "pytest", "--doctest-modules", "--pyargs", *doctests, "-p", "no:cacheprovider", env=env
         )
 
 

@@ -83,8 +83,9 @@ def causal_favor_attention(
     # split (not slicing): the backward of split concatenates the pieces' gradients once,
     # where slicing would allocate a full-length gradient for every piece
     pieces = zip(
-        q.split(segment, dim=-2), k.split(segment, dim=-2), v.split(segment, dim=-2),
-        [None] * -(-length // segment) if key_mask is None else key_mask.split(segment, dim=-1),
+        torch.split(q, segment, dim=-2), torch.split(k, segment, dim=-2),
+        torch.split(v, segment, dim=-2),
+        [None] * -(-length // segment) if key_mask is None else torch.split(key_mask, segment, dim=-1),
         strict=True,
     )  # fmt: skip
     outs, kv = [], None
