@@ -12,6 +12,7 @@ that array-api-compat supports: NumPy, CuPy, PyTorch, JAX, Dask and array-api-st
 ((8, 512, 64), dtype('float32'))
 """
 
+from ._registry import fast_paths, register_step
 from .attention import (
     DEFAULT_CHUNK_SIZE,
     AttentionState,
@@ -39,9 +40,11 @@ __all__ = [
     "TrigonometricFeatures",
     "__version__",
     "draw_projection",
+    "fast_paths",
     "favor_attention",
     "hyperbolic_features",
     "linear_attention",
     "projection",
+    "register_step",
     "softmax_attention",
 ]

@@ -24,7 +24,10 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from ._compat import Array, compute_dtype, device, is_floating, namespace
-from .features import FeatureMap
+from ._linear import causal_sums, normalise
+from ._registry import lookup
+from ._tiled import tiled_attention
+from .features import FeatureMap, PositiveFeatures
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -181,39 +184,10 @@ def _check_state(
             f"state.kv has shape {tuple(state.kv.shape)}, but these inputs need batch + "
             f"(m, dv + 1) = {expected}; was the state made with other shapes?"
         )
-    return xp.astype(state.kv, dtype)
+    return xp.astype(state.kv, dtype, copy=False)
 
 
 # -- the algorithms -------------------------------------------------------------------------
-
-
-def _normalise(xp: ModuleType, out1: Array, dv: int) -> Array:
-    """Divide the first ``dv`` columns by the last; rows with a normaliser <= 0 give 0."""
-    num, den = out1[..., :dv], out1[..., dv:]
-    ok = den > 0
-    return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
-
-
-def _causal_blocks(
-    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
-) -> tuple[Array, Array]:
-    """Causal linear attention over ``L = n * c`` positions; returns ``(out1, kv)``."""
-    batch, length, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
-    n, e = length // c, v1.shape[-1]
-    qc = xp.reshape(qf, (*batch, n, c, m))
-    kc = xp.reshape(kf, (*batch, n, c, m))
-    vc = xp.reshape(v1, (*batch, n, c, e))
-    sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
-    prefix = sums[..., :n, :, :]
-    total = sums[..., n, :, :]
-    if kv0 is not None:
-        prefix = prefix + kv0[..., None, :, :]
-        total = total + kv0
-    pos = xp.arange(c, device=device(qf))
-    scores = qc @ xp.matrix_transpose(kc)
-    scores = xp.where(pos[:, None] >= pos[None, :], scores, 0.0)
-    out1 = qc @ prefix + scores @ vc
-    return xp.reshape(out1, (*batch, length, e)), total
 
 
 def _linear_core(
@@ -230,7 +204,7 @@ def _linear_core(
 ) -> tuple[Array, Array | None]:
     """Validated linear attention in the compute dtype; returns ``(out, kv or None)``."""
     dtype = qf.dtype
-    v = xp.astype(v, dtype)
+    v = xp.astype(v, dtype, copy=False)
     ones = xp.ones((*v.shape[:-1], 1), dtype=dtype, device=device(v))
     v1 = xp.concat([v, ones], axis=-1)
     if mask is not None:
@@ -242,32 +216,12 @@ def _linear_core(
         if kv0 is not None:
             kv = kv + kv0
         kv = xp.broadcast_to(kv, (*batch, *kv.shape[-2:]))
-        return _normalise(xp, qf @ kv, dv), kv
-    length = qf.shape[-2]
+        return normalise(xp, qf @ kv, dv), kv
     qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
     kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
     v1 = xp.broadcast_to(v1, (*batch, *v1.shape[-2:]))
-    split = (length // chunk) * chunk
-    pieces = []
-    kv = kv0
-    if split:
-        out_main, kv = _causal_blocks(
-            xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk
-        )
-        pieces.append(out_main)
-    if split < length:
-        tail = length - split
-        out_tail, kv = _causal_blocks(
-            xp, qf[..., split:, :], kf[..., split:, :], v1[..., split:, :], kv, tail
-        )
-        pieces.append(out_tail)
-    out1 = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
-    if kv is None:  # length 0
-        kv = xp.zeros((*batch, qf.shape[-1], dv + 1), dtype=dtype, device=device(qf))
-    return _normalise(xp, out1, dv), kv
-
-
-# -- the public functions -------------------------------------------------------------------
+    out1, kv = causal_sums(xp, qf, kf, v1, kv0, chunk)
+    return normalise(xp, out1, dv), kv
 
 
 def linear_attention(
@@ -336,10 +290,10 @@ def linear_attention(
     dtype = compute_dtype(xp, qf.dtype)
     kv0 = _check_state(xp, state, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
     out, kv = _linear_core(
-        xp, xp.astype(qf, dtype), xp.astype(kf, dtype), v, mask,
+        xp, xp.astype(qf, dtype, copy=False), xp.astype(kf, dtype, copy=False), v, mask,
         causal=causal, chunk=chunk, kv0=kv0, batch=batch,
     )  # fmt: skip
-    out = xp.astype(out, v.dtype)
+    out = xp.astype(out, v.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
 
 
@@ -443,13 +397,27 @@ def favor_attention(
     dtype = compute_dtype(xp, q.dtype)
     m = features.num_features(q.shape[-1])
     kv0 = _check_state(xp, state, (*batch, m, v.shape[-1] + 1), dtype, q)
-    x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
-    if mask is not None:  # garbage in padding must not reach the features (or gradients)
-        y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
-    w = features.projection_like(x) if projection is None else xp.astype(projection, dtype)
-    qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
-    out, kv = _linear_core(xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch)
-    out = xp.astype(out, q.dtype)
+    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
+    w = (
+        features.projection_like(x)
+        if projection is None
+        else xp.astype(projection, dtype, copy=False)
+    )
+    ops = lookup(xp, "tiled")
+    if ops is not None and isinstance(features, PositiveFeatures):
+        # the adapter's fast path: block by block (see favorcore._tiled)
+        out, kv = tiled_attention(
+            xp, ops, x, y, vc, w=w, root=root, features=features, causal=causal, mask=mask,
+            chunk=chunk, kv0=kv0, batch=batch,
+        )  # fmt: skip
+    else:
+        if mask is not None:  # garbage in padding must not reach the features (or gradients)
+            y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
+        qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
+        out, kv = _linear_core(
+            xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
+        )
+    out = xp.astype(out, q.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
 
 
@@ -481,7 +449,7 @@ def softmax_attention(
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
     scale = _check_scale(scale, q.shape[-1])
     dtype = compute_dtype(xp, q.dtype)
-    x, y, vc = (xp.astype(a, dtype) for a in (q, k, v))
+    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     allowed = None
     if mask is not None:
         y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
@@ -500,4 +468,4 @@ def softmax_attention(
     den = xp.sum(weights, axis=-1, keepdims=True)
     ok = den > 0
     out = xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
-    return xp.astype(out, q.dtype)
+    return xp.astype(out, q.dtype, copy=False)

@@ -240,7 +240,7 @@ class FeatureMap:
 
 def _half_sq_norm(xp: ModuleType, x: Array, dtype: Any) -> Array:
     """``|x|^2 / 2`` per row, ``(..., L, 1)``, in ``dtype``."""
-    x = xp.astype(x, dtype)
+    x = xp.astype(x, dtype, copy=False)
     return xp.sum(x * x, axis=-1, keepdims=True) / 2
 
 
@@ -251,7 +251,7 @@ def _needs_projection(fmap: FeatureMap, w: Array | None) -> Array:
 
 
 def _project(xp: ModuleType, x: Array, w: Array | None) -> Array:
-    x = xp.astype(x, compute_dtype(xp, x.dtype))
+    x = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
     return x if w is None else x @ xp.matrix_transpose(w)
 
 

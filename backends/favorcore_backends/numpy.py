@@ -1,133 +1,132 @@
-"""NumPy adapter: FAVOR random features as a scikit-learn transformer.
+"""NumPy adapter: the fast path of the tiled engine, and a scikit-learn transformer.
 
-:class:`FavorFeatures` maps samples to random features whose inner products estimate the
-softmax kernel ``exp(scale x . y)`` or the Gaussian kernel ``exp(-gamma |x - y|^2)``, so
-the estimates can be used outside deep learning: kernel ridge regression, SVMs, Gaussian
-processes, clustering, as ``sklearn.kernel_approximation.RBFSampler`` is used, but with
-orthogonal projections and positive features. It supports ``fit``/``transform``,
-``Pipeline``, ``clone`` and ``get_feature_names_out``; the features come from the core's
-feature maps (:meth:`favorcore.FeatureMap.phi`).
+Importing this module (the core does it when it first meets NumPy arrays) registers
+:class:`NumpyOps` as the ``"tiled"`` step of NumPy: ``favorcore.favor_attention`` on NumPy
+arrays with :class:`~favorcore.PositiveFeatures` then runs :mod:`favorcore._tiled` with
+
+* each block's exponent from one matmul into a per-thread buffer (``out=``), ``exp`` and
+  the row-max shift in place: no allocation and one pass per step;
+* work items (batch rows, segments of the sequence) on every core, each with a
+  single-threaded BLAS (``threadpoolctl``), so that the exponentials, which NumPy runs on
+  one core, use them all.
+
+:class:`FavorFeatures` (scikit-learn, imported on first use) maps samples to random
+features of the softmax or Gaussian kernel.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
 
-from favorcore import FeatureMap, PositiveFeatures, TrigonometricFeatures
+from favorcore import register_step
+from favorcore._tiled import TiledOps
 
-__all__ = ["FavorFeatures"]
+__all__ = ["FavorFeatures", "NumpyOps"]  # noqa: F822 (FavorFeatures: module __getattr__)
 
-_MAPS = ("positive", "hyperbolic", "trigonometric")
+#: rows per block, measured (see docs: performance): 512 and 1024 tie, 256 is slower
+BLOCK = 512
 
 
-class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
-    """Random features of the softmax or Gaussian kernel (scikit-learn transformer).
+class NumpyOps(TiledOps):
+    """Tiled-engine steps for NumPy: ``out=`` buffers, in-place ``exp``, all cores."""
 
-    ``transform(X) @ transform(Y).T`` is an unbiased estimate of the kernel matrix
-    (orthogonal projections with chi norms, or iid).
+    def __init__(self, workers: int | None = None, block: int = BLOCK) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.workers = workers or cores or 1
+        self.block = block
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
 
-    Parameters
-    ----------
-    n_components : int
-        Number of features ``m`` (even for ``"hyperbolic"`` and ``"trigonometric"``).
-    kernel : {"gaussian", "softmax"}
-        ``exp(-gamma |x - y|^2)`` or ``exp(scale x . y)``.
-    gamma : float
-        Gaussian kernel width.
-    scale : float
-        Softmax kernel scale.
-    feature_map : {"positive", "hyperbolic", "trigonometric"}
-        The estimator. For the Gaussian kernel, "trigonometric" gives the classic random
-        Fourier features (bounded); "positive" and "hyperbolic" give positive features
-        (lower variance where the kernel is large).
-    projection : {"orthogonal", "iid", "hadamard", "givens"}
-        Projection kind (see :mod:`favorcore.projection`).
-    random_state : int or None
-        Seed of the projection.
+    def _buffer(self, role: str, rows: int, cols: int, dtype: Any) -> np.ndarray:
+        """This thread's ``(rows, cols)`` buffer for ``role`` (grown as needed)."""
+        cache = self._local.__dict__.setdefault("buffers", {})
+        buf: np.ndarray | None = cache.get(role)
+        if buf is None or buf.shape[1] != cols or buf.shape[0] < rows or buf.dtype != dtype:
+            buf = cache[role] = np.empty((max(rows, self.block), cols), dtype=dtype)
+        return buf[:rows]
 
-    Attributes
-    ----------
-    feature_map_ : FeatureMap
-        The fitted feature map (holds the seed).
-    n_features_in_ : int
-        Number of input features.
+    def key_block(
+        self, xp: ModuleType, y: Any, v: Any, keep: Any, wk: Any, c: float
+    ) -> tuple[Any, Any]:
+        """Keys' features and ``[V | 1]`` in this thread's buffers (no allocation)."""
+        rows, d = y.shape
+        aug = self._buffer("k_in", rows, d + 2, y.dtype)
+        aug[:, :d] = y
+        np.einsum("ij,ij->i", y, y, out=aug[:, d])
+        aug[:, d] *= -c
+        aug[:, d + 1] = 1.0
+        kf = np.matmul(aug, wk, out=self._buffer("k", rows, wk.shape[1], y.dtype))
+        np.exp(kf, out=kf)
+        v1 = self._buffer("v1", rows, v.shape[1] + 1, y.dtype)
+        v1[:, :-1] = v
+        v1[:, -1] = 1.0
+        if keep is not None:  # garbage (even NaN) in masked rows is overwritten
+            drop = ~keep[:, 0]
+            kf[drop] = 0.0
+            v1[drop] = 0.0
+        return kf, v1
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sklearn.metrics.pairwise import rbf_kernel
-    >>> X = np.random.default_rng(0).standard_normal((50, 4)) / 2
-    >>> phi = FavorFeatures(n_components=2048, gamma=0.5, random_state=0).fit_transform(X)
-    >>> bool(np.abs(phi @ phi.T - rbf_kernel(X, gamma=0.5)).mean() < 0.02)
-    True
-    """
+    def query_block(self, xp: ModuleType, x: Any, wq: Any) -> Any:
+        """Queries' features in this thread's buffer: one matmul, the row max, one ``exp``."""
+        rows, d = x.shape
+        aug = self._buffer("q_in", rows, d + 1, x.dtype)
+        aug[:, :d] = x
+        aug[:, d] = 1.0
+        e = np.matmul(aug, wq, out=self._buffer("q", rows, wq.shape[1], x.dtype))
+        if rows:
+            np.subtract(e, e.max(axis=1, keepdims=True), out=e)
+        return np.exp(e, out=e)
 
-    def __init__(
-        self,
-        n_components: int = 256,
-        *,
-        kernel: str = "gaussian",
-        gamma: float = 1.0,
-        scale: float = 1.0,
-        feature_map: str = "positive",
-        projection: str = "orthogonal",
-        random_state: int | None = None,
-    ) -> None:
-        self.n_components = n_components
-        self.kernel = kernel
-        self.gamma = gamma
-        self.scale = scale
-        self.feature_map = feature_map
-        self.projection = projection
-        self.random_state = random_state
+    def key_sums(self, xp: ModuleType, kf: Any, v1: Any) -> Any:
+        """``kf^T [V | 1]``."""
+        return np.matmul(kf.T, v1)
 
-    def fit(self, X: Any, y: Any = None) -> FavorFeatures:
-        """Check the parameters, record the input width and fix the projection seed."""
-        X = validate_data(self, X, dtype=[np.float64, np.float32])
-        if self.kernel not in ("gaussian", "softmax"):
-            raise ValueError(f"kernel must be 'gaussian' or 'softmax', got {self.kernel!r}")
-        if self.feature_map not in _MAPS:
-            raise ValueError(f"feature_map must be one of {_MAPS}, got {self.feature_map!r}")
-        for name in ("gamma", "scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-        seed = self.random_state
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0])
-        kwargs: dict[str, Any] = {
-            "m": self.n_components,
-            "projection": self.projection,
-            "seed": int(seed),
-        }
-        fmap: FeatureMap
-        if self.feature_map == "trigonometric":
-            fmap = TrigonometricFeatures(**kwargs)
-        else:
-            fmap = PositiveFeatures(antithetic=self.feature_map == "hyperbolic", **kwargs)
-        fmap.host_projection(X.shape[1])  # draw now (and fail now on bad sizes)
-        self.feature_map_ = fmap
-        self._n_features_out = fmap.num_features(X.shape[1])
-        return self
+    def answer(self, xp: ModuleType, qf: Any, kv: Any, dv: int, out: Any) -> Any:
+        """Normalised ``qf kv``, written into ``out``."""
+        o = np.matmul(qf, kv, out=self._buffer("o", qf.shape[0], kv.shape[1], qf.dtype))
+        return self.normalise(xp, o, dv, out)
 
-    def transform(self, X: Any) -> np.ndarray:
-        """Features of the rows of ``X``, shape ``(n_samples, n_components)``."""
-        check_is_fitted(self)
-        rows: np.ndarray = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        if self.kernel == "softmax":
-            return np.asarray(self.feature_map_.phi(rows * math.sqrt(self.scale)))
-        # exp(-g|x-y|^2) = exp(-g|x|^2) exp(-g|y|^2) exp(2g x.y)
-        phi = np.asarray(self.feature_map_.phi(rows * math.sqrt(2.0 * self.gamma)))
-        norms = np.asarray(np.exp(-self.gamma * (rows * rows).sum(axis=1, keepdims=True)))
-        features: np.ndarray = phi * norms.astype(phi.dtype)
-        return features
+    def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any) -> Any:
+        """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
+        den = o[:, dv:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(o[:, :dv], den, out=out)
+        bad = den[:, 0] <= 0
+        if bad.any():
+            out[bad] = 0.0
+        return out
 
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        return tags
+    def output(self, xp: ModuleType, shape: tuple[int, ...], dtype: Any, dev: Any) -> Any:
+        """An uninitialised array: every row is written by :meth:`normalise`."""
+        return np.empty(shape, dtype=dtype)
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """Items on ``workers`` threads, each with one BLAS thread."""
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(i) for i in items]
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="favorcore")
+        with threadpool_limits(1, user_api="blas"):
+            return list(self._pool.map(fn, items))
+
+
+register_step("array_api_compat.numpy", "tiled", NumpyOps())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FavorFeatures":  # scikit-learn is imported only when asked for
+        from ._sklearn import FavorFeatures
+
+        return FavorFeatures
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

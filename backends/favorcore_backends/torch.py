@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import favorcore
-from favorcore import AttentionState, FeatureMap, PositiveFeatures
+from favorcore import AttentionState, FeatureMap, PositiveFeatures, register_step
+from favorcore._tiled import TiledOps
 
 __all__ = [
     "DEFAULT_SEGMENT",
@@ -38,6 +39,57 @@ __all__ = [
 
 #: Tokens per recomputed segment in the backward pass of causal attention.
 DEFAULT_SEGMENT = 2048
+
+
+class TorchOps(TiledOps):
+    """Tiled-engine steps for PyTorch: in-place ``exp_``/``sub_`` on fresh block tensors.
+
+    PyTorch's own intra-op threads use every core, so work items run in order. With
+    autograd recording (an input that requires grad), the standard steps run instead:
+    in-place operations on tensors autograd needs are not allowed.
+    """
+
+    block = 4096  # measured (docs: performance): 1024 -> 129 ms, 4096 -> 123 ms at L = 16384
+
+    @staticmethod
+    def _recording(*tensors: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def key_block(self, xp: Any, y: torch.Tensor, v: torch.Tensor, keep: Any, wk: torch.Tensor,
+                  c: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if self._recording(y, v, wk):
+            plain: tuple[torch.Tensor, torch.Tensor] = super().key_block(xp, y, v, keep, wk, c)
+            return plain
+        rows, d = y.shape
+        aug = torch.empty(rows, d + 2, dtype=y.dtype, device=y.device)
+        aug[:, :d] = y
+        aug[:, d] = (y * y).sum(1).mul_(-c)
+        aug[:, d + 1] = 1.0
+        kf = torch.mm(aug, wk).exp_()
+        v1 = torch.empty(rows, v.shape[1] + 1, dtype=v.dtype, device=v.device)
+        v1[:, :-1] = v
+        v1[:, -1] = 1.0
+        if keep is not None:  # garbage (even NaN) in masked rows is overwritten
+            drop = ~keep[:, 0]
+            kf[drop] = 0.0
+            v1[drop] = 0.0
+        return kf, v1
+
+    def query_block(self, xp: Any, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        if self._recording(x, wq):
+            qf: torch.Tensor = super().query_block(xp, x, wq)
+            return qf
+        rows, d = x.shape
+        aug = torch.empty(rows, d + 1, dtype=x.dtype, device=x.device)
+        aug[:, :d] = x
+        aug[:, d] = 1.0
+        e = torch.mm(aug, wq)
+        if rows:
+            e.sub_(e.amax(1, keepdim=True))
+        return e.exp_()
+
+
+register_step("array_api_compat.torch", "tiled", TorchOps())
 
 
 def causal_favor_attention(

@@ -1,0 +1,235 @@
+r"""The tiled engine: FAVOR+ attention block by block, for eager backends.
+
+The plain core computes ``phi(Q)`` and ``phi(K)`` for the whole sequence and then two
+products. This engine computes them for blocks of ``block`` rows at a time, so that the
+``L x m`` features are never held at once and every pass over them stays in cache:
+
+* the whole exponent of a block comes out of one matmul, its scales and shifts folded in
+  as extra input columns: ``[y, -s^2/2 |y|^2, 1] @ [s W^T; 1; -c - log sqrt(m)]`` for keys,
+  ``[x, 1] @ [s W^T; c]`` for queries (``s = sqrt(scale)``, ``c`` the data-independent key
+  offset of :class:`~favorcore.PositiveFeatures`); then one ``exp`` (queries first take
+  their row max out, exactly as the feature map does);
+* keys' sums ``phi(K_b)^T [V_b | 1]`` accumulate in an :class:`~favorcore.AttentionState`,
+  queries are answered from it; causal blocks run :func:`~favorcore.attention.causal_sums`
+  with the state carried from block to block;
+* work items are (batch row, segment of the sequence); bidirectional segments add their
+  sums, causal segments first sum their keys, prefix-sum them, then run with their prefix.
+
+It uses only the standard. A backend's adapter makes it fast through a :class:`TiledOps`
+registered as the step ``"tiled"``: matmuls into reused buffers, ``exp`` in place, and
+work items on several cores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from ._compat import Array, device, stop_gradient
+from ._linear import causal_sums, normalise
+from .features import PositiveFeatures, _key_bound
+
+__all__ = ["TiledOps", "tiled_attention"]
+
+
+class TiledOps:
+    """How the engine computes one block; the defaults use only the standard.
+
+    A backend's adapter subclasses it (buffers, in-place operations, threads) and
+    registers an instance as the step ``"tiled"`` of its namespace.
+
+    Attributes
+    ----------
+    workers : int
+        Work items run concurrently by :meth:`map` (1: in order).
+    block : int
+        Rows per block.
+    """
+
+    workers: int = 1
+    block: int = 512
+
+    def key_block(
+        self, xp: ModuleType, y: Array, v: Array, keep: Array | None, wk: Array, c: float
+    ) -> tuple[Array, Array]:
+        """``(phi(K_b), [V_b | 1])`` of a block, masked rows zero.
+
+        ``phi = exp([y, -c |y|^2, 1] @ wk)``; ``keep`` is ``(rows, 1)`` boolean or None.
+        The arrays may live in buffers that the next call of this thread reuses.
+        """
+        if keep is not None:
+            y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
+        col = xp.ones((y.shape[0], 1), dtype=y.dtype, device=device(y))
+        sq = xp.sum(y * y, axis=-1, keepdims=True) * (-c)
+        kf = xp.exp(xp.concat([y, sq, col], axis=-1) @ wk)
+        v1 = xp.concat([v, col], axis=-1)
+        if keep is not None:
+            kf, v1 = xp.where(keep, kf, 0.0), xp.where(keep, v1, 0.0)
+        return kf, v1
+
+    def query_block(self, xp: ModuleType, x: Array, wq: Array) -> Array:
+        """``phi(Q_b) = exp(e - max_row(e))`` with ``e = [x, 1] @ wq`` (may be a buffer)."""
+        col = xp.ones((x.shape[0], 1), dtype=x.dtype, device=device(x))
+        e = xp.concat([x, col], axis=-1) @ wq
+        if x.shape[0]:
+            e = e - stop_gradient(xp, xp.max(e, axis=-1, keepdims=True))
+        return xp.exp(e)
+
+    def key_sums(self, xp: ModuleType, kf: Array, v1: Array) -> Array:
+        """``phi(K_b)^T [V_b | 1]`` (a new array)."""
+        return xp.matrix_transpose(kf) @ v1
+
+    def answer(self, xp: ModuleType, qf: Array, kv: Array, dv: int, out: Array | None) -> Array:
+        """Normalised ``phi(Q_b) kv`` (see :meth:`normalise`)."""
+        return self.normalise(xp, qf @ kv, dv, out)
+
+    def normalise(self, xp: ModuleType, o: Array, dv: int, out: Array | None) -> Array:
+        """``o[:, :dv] / o[:, dv:]`` (0 where that is <= 0), into ``out`` if :meth:`output` gave one."""
+        return normalise(xp, o, dv)
+
+    def output(self, xp: ModuleType, shape: tuple[int, ...], dtype: Any, dev: Any) -> Array | None:
+        """A writable output array for :meth:`answer` to fill, or None (blocks are joined)."""
+        return None
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(i) for i in items]``, possibly concurrently."""
+        return [fn(i) for i in items]
+
+
+def _segments(length: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, length))
+    bounds = [round(i * length / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def tiled_attention(
+    xp: ModuleType,
+    ops: TiledOps,
+    x: Array,
+    y: Array,
+    v: Array,
+    *,
+    w: Array,
+    root: float,
+    features: PositiveFeatures,
+    causal: bool,
+    mask: Array | None,
+    chunk: int,
+    kv0: Array | None,
+    batch: tuple[int, ...],
+) -> tuple[Array, Array]:
+    """Normalised FAVOR+ attention ``(out, kv)`` in the compute dtype of ``x``.
+
+    ``x``, ``y``, ``v`` are unscaled, in the compute dtype; ``mask`` is ``(..., Lk, 1)``
+    boolean or None; ``w`` is the map's matrix (``[W; -W]`` if antithetic).
+    """
+    dtype, dev = x.dtype, device(x)
+    n_rows = math.prod(batch)
+    lq, lk, d, dv = x.shape[-2], y.shape[-2], x.shape[-1], v.shape[-1]
+    m = w.shape[0]
+
+    def flat(a: Array, length: int, width: int) -> Array:
+        return xp.reshape(xp.broadcast_to(a, (*batch, length, width)), (n_rows, length, width))
+
+    x3, y3, v3 = flat(x, lq, d), flat(y, lk, d), flat(v, lk, dv)
+    m3 = None if mask is None else flat(mask, lk, 1)
+    kv3 = None if kv0 is None else xp.reshape(kv0, (n_rows, m, dv + 1))
+
+    half_sq = xp.sum(w * w, axis=-1) / 2
+    bound = _key_bound(xp, dtype)
+    offset = xp.where(half_sq > bound, half_sq - bound, 0.0)
+    w_t = xp.matrix_transpose(w) * root
+    ones_m = xp.ones((1, m), dtype=dtype, device=dev)
+    wk = xp.concat([w_t, ones_m, xp.reshape(-offset - 0.5 * math.log(m), (1, m))], axis=0)
+    wq = xp.concat([w_t, xp.reshape(offset, (1, m))], axis=0)
+    half_root_sq = 0.5 * root * root
+
+    def keys(n: int, lo: int, hi: int) -> tuple[Array, Array]:
+        keep = None if m3 is None else m3[n, lo:hi, :]
+        return ops.key_block(xp, y3[n, lo:hi, :], v3[n, lo:hi, :], keep, wk, half_root_sq)
+
+    def queries(n: int, lo: int, hi: int) -> Array:
+        return ops.query_block(xp, x3[n, lo:hi, :], wq)
+
+    def blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+        return [(s, min(s + ops.block, hi)) for s in range(lo, hi, ops.block)]
+
+    def key_sums(item: tuple[int, int, int]) -> Array:
+        n, lo, hi = item
+        kv = xp.zeros((m, dv + 1), dtype=dtype, device=dev)
+        for s, e in blocks(lo, hi):
+            kf, v1 = keys(n, s, e)
+            kv = kv + ops.key_sums(xp, kf, v1)
+        return kv
+
+    parts = max(1, -(-ops.workers // n_rows))
+    dest = ops.output(xp, (n_rows, lq, dv), dtype, dev)
+    if not causal:
+        k_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lk, parts)]
+        partial = ops.map(key_sums, k_items)
+        totals = []
+        for n in range(n_rows):
+            total = (
+                kv3[n, ...] if kv3 is not None else xp.zeros((m, dv + 1), dtype=dtype, device=dev)
+            )
+            for (row, _, _), kv in zip(k_items, partial, strict=True):
+                if row == n:
+                    total = total + kv
+            totals.append(total)
+
+        def answer(item: tuple[int, int, int]) -> list[Array]:
+            n, lo, hi = item
+            return [
+                ops.answer(
+                    xp, queries(n, s, e), totals[n], dv, None if dest is None else dest[n, s:e, :]
+                )
+                for s, e in blocks(lo, hi)
+            ]
+
+        q_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lq, parts)]
+        answers = ops.map(answer, q_items)
+    else:
+        segs = _segments(lq, parts)
+        starts: list[list[Array | None]] = []
+        if len(segs) > 1:
+            partial = ops.map(
+                key_sums, [(n, lo, hi) for n in range(n_rows) for lo, hi in segs[:-1]]
+            )
+        for n in range(n_rows):
+            run: Array | None = None if kv3 is None else kv3[n, ...]
+            seg_starts = [run]
+            for j in range(len(segs) - 1):
+                kv = partial[n * (len(segs) - 1) + j]
+                run = kv if run is None else run + kv
+                seg_starts.append(run)
+            starts.append(seg_starts)
+
+        def run_causal(item: tuple[int, int, int, int]) -> tuple[list[Array], Array | None]:
+            n, j, lo, hi = item
+            state, outs = starts[n][j], []
+            for s, e in blocks(lo, hi):
+                kf, v1 = keys(n, s, e)
+                o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk)
+                outs.append(ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :]))
+            return outs, state
+
+        results = ops.map(
+            run_causal, [(n, j, lo, hi) for n in range(n_rows) for j, (lo, hi) in enumerate(segs)]
+        )
+        answers = [outs for outs, _ in results]
+        totals = []
+        for n in range(n_rows):
+            last = results[n * len(segs) + len(segs) - 1][1]
+            totals.append(xp.zeros((m, dv + 1), dtype=dtype, device=dev) if last is None else last)
+    kv = xp.reshape(xp.stack(totals), (*batch, m, dv + 1))
+    if dest is not None:
+        return xp.reshape(dest, (*batch, lq, dv)), kv
+    rows = []
+    per_row = len(answers) // n_rows
+    for n in range(n_rows):
+        pieces = [b for item in answers[n * per_row : (n + 1) * per_row] for b in item]
+        rows.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0) if pieces else
+                    xp.zeros((0, dv), dtype=dtype, device=dev))  # fmt: skip
+    return xp.reshape(xp.stack(rows), (*batch, lq, dv)), kv

@@ -1,0 +1,84 @@
+"""The tiled engine equals the plain core path (conformance of every fast path)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import Backend, to_numpy
+
+import favorcore as fc
+from favorcore._compat import compute_dtype
+from favorcore._tiled import TiledOps, tiled_attention
+
+
+class SmallOps(TiledOps):
+    """The standard-only steps, with tiny blocks and several work items per row."""
+
+    def __init__(self, block: int, workers: int) -> None:
+        self.block, self.workers = block, workers
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("block", "workers"), [(7, 1), (5, 4), (64, 3)])
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_engine_equals_core_path(
+    backend: Backend,
+    rng: np.random.Generator,
+    causal: bool,
+    masked: bool,
+    block: int,
+    workers: int,
+    antithetic: bool,
+) -> None:
+    xp = backend.xp
+    lq = 23
+    lk = 23 if causal else 31
+    q, k = rng.standard_normal((2, 3, lq, 8)) / 2, rng.standard_normal((2, 3, lk, 8)) / 2
+    v = rng.standard_normal((2, 3, lk, 5))
+    mask = rng.random((2, 1, lk)) < 0.7 if masked else None
+    kv0 = rng.random((2, 3, 16, 6)) if causal else None
+    fmap = fc.PositiveFeatures(m=16, seed=3, antithetic=antithetic)
+    a = backend.asarray
+    with fc.fast_paths(False):
+        want, want_state = fc.favor_attention(
+            a(q), a(k), a(v), features=fmap, causal=causal, key_mask=None if mask is None else a(mask),
+            chunk_size=4, return_state=True, state=None if kv0 is None else fc.AttentionState(a(kv0)), scale=0.3,
+        )  # fmt: skip
+    x, y, vv = a(q), a(k), a(v)
+    dtype = compute_dtype(xp, x.dtype)
+    out, kv = tiled_attention(
+        xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=math.sqrt(0.3), features=fmap,
+        causal=causal, mask=None if mask is None else a(mask)[..., None], chunk=4,
+        kv0=None if kv0 is None else a(kv0), batch=(2, 3),
+    )  # fmt: skip
+    assert out.dtype == dtype
+    np.testing.assert_allclose(to_numpy(out), to_numpy(want), rtol=1e-11, atol=1e-12)
+    # the state is the same sum of the same stabilised key features
+    np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_registered_fast_path_equals_core_path(
+    backend: Backend, rng: np.random.Generator, causal: bool, dtype: str
+) -> None:
+    # A plain favor_attention call reaches the adapter's fast path where one is registered
+    # (NumPy, PyTorch); it must agree with the plain core to rounding.
+    dt = getattr(backend.xp, dtype)
+    q, k, v = (rng.standard_normal((2, 4, 700, 16)).astype(dtype) / 2 for _ in range(3))
+    mask = rng.random((2, 1, 700)) < 0.9
+    fmap = fc.PositiveFeatures(m=32, seed=0)
+    a = lambda x: backend.asarray(x, dt if x.dtype != bool else None)
+    fast = to_numpy(
+        fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal, key_mask=a(mask))
+    )
+    with fc.fast_paths(False):
+        plain = to_numpy(
+            fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal, key_mask=a(mask))
+        )
+    u = float(np.finfo(dtype).eps)
+    # both round differently over sums of 700 keys and 32 features (gamma_n bound)
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=2 * (700 + 32) * u * np.abs(v).max() * 4)
