@@ -75,6 +75,24 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
+PEERS = [  # performer-pytorch and its dependencies, without letting them replace torch
+    "performer-pytorch==1.1.4",
+    "einops",
+    "local-attention",
+    "axial-positional-embedding",
+    "hyper-connections",
+]
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The full side-by-side benchmark (writes docs/_static/bench); options after ``--``."""
+    session.install(".", TORCH, "jax", "matplotlib")
+    session.install("--no-deps", *PEERS)
+    args = session.posargs or ["--out", "docs/_static/bench"]
+    session.run("favorcore", "bench", *args)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: ``favorcore demo`` on NumPy (pass options after ``--``)."""

@@ -1,4 +1,4 @@
-"""Command line: ``favorcore demo`` (also ``python -m favorcore demo``) and ``favorcore chunks``.
+"""Command line: ``favorcore demo`` (also ``python -m favorcore demo``), ``chunks``, ``bench``.
 
 The demo runs on NumPy, the embedded default backend. For a few sequence lengths it
 compares FAVOR+ attention with exact softmax attention, bidirectional and causal, and
@@ -143,8 +143,14 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``favorcore`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:  # the benchmark has its own options
+        from .bench import main as bench_main
+
+        return bench_main(args_list[1:])
     parser = argparse.ArgumentParser(prog="favorcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="side-by-side benchmark (see favorcore bench --help)")
     p_demo = sub.add_parser("demo", help="FAVOR+ vs exact attention: error and run time")
     p_demo.add_argument("--lengths", type=_positive_int, nargs="+", default=[512, 2048, 8192])
     p_demo.add_argument("--heads", type=_positive_int, default=4)
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_chunks.add_argument("--d", type=_positive_int, default=64)
     p_chunks.add_argument("--m", type=_positive_int, default=256)
     p_chunks.add_argument("--repeats", type=_positive_int, default=5)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if args.command == "demo":
         if not (math.isfinite(args.input_std) and args.input_std > 0):
             parser.error(f"--input-std must be a positive number, got {args.input_std}")

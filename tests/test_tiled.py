@@ -82,3 +82,22 @@ def test_registered_fast_path_equals_core_path(
     u = float(np.finfo(dtype).eps)
     # both round differently over sums of 700 keys and 32 features (gamma_n bound)
     np.testing.assert_allclose(fast, plain, rtol=0, atol=2 * (700 + 32) * u * np.abs(v).max() * 4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_with_query_norms_from_tiny_to_huge(
+    backend: Backend, rng: np.random.Generator, causal: bool
+) -> None:
+    # The NumPy fast path shifts query exponents by a bound computed from |x|; rows whose
+    # exponents fall far below it (huge norms) must take the exact row max: no underflow,
+    # same result as the core path.
+    q = rng.standard_normal((1, 2, 600, 16))
+    q *= np.logspace(-3, 2.5, 600)[:, None] / np.linalg.norm(q, axis=-1, keepdims=True)
+    k, v = rng.standard_normal((1, 2, 600, 16)), rng.standard_normal((1, 2, 600, 16))
+    fmap = fc.PositiveFeatures(m=64, seed=1)
+    a = backend.asarray
+    fast = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal))
+    with fc.fast_paths(False):
+        plain = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal))
+    assert np.isfinite(fast).all()
+    np.testing.assert_allclose(fast, plain, rtol=1e-9, atol=1e-11)

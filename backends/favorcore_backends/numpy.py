@@ -31,7 +31,11 @@ from favorcore._tiled import TiledOps
 __all__ = ["FavorFeatures", "NumpyOps"]  # noqa: F822 (FavorFeatures: module __getattr__)
 
 #: rows per block, measured (see docs: performance): 512 and 1024 tie, 256 is slower
-BLOCK = 512
+BLOCK = 1024
+#: query rows whose exponents fall more than GAP below the bound take the exact row max
+GAP = 40.0
+#: exponents sampled per row for that check
+SAMPLE = 16
 
 
 class NumpyOps(TiledOps):
@@ -73,15 +77,31 @@ class NumpyOps(TiledOps):
             v1[drop] = 0.0
         return kf, v1
 
-    def query_block(self, xp: ModuleType, x: Any, wq: Any) -> Any:
-        """Queries' features in this thread's buffer: one matmul, the row max, one ``exp``."""
+    def query_block(self, xp: Any, x: Any, wq: Any) -> Any:
+        """Queries' features in this thread's buffer: one matmul, one ``exp``.
+
+        Any per-row shift is exact for queries. Instead of a pass for the row max, the
+        shift ``s(x) = |x| R + max c`` (``R`` the largest column norm of the projection) is
+        an upper bound of the row's exponents computed from ``x`` alone and enters the
+        matmul as one more column, so every exponent is <= 0. Rows where a sample of the
+        exponents shows the max more than ``GAP`` below the bound (large ``|x|``) get the
+        exact row max instead, so no row's features underflow.
+        """
         rows, d = x.shape
-        aug = self._buffer("q_in", rows, d + 1, x.dtype)
+        aug = self._buffer("q_in", rows, d + 2, x.dtype)
         aug[:, :d] = x
         aug[:, d] = 1.0
-        e = np.matmul(aug, wq, out=self._buffer("q", rows, wq.shape[1], x.dtype))
+        radius = float(np.sqrt((wq[:d] ** 2).sum(axis=0).max()))
+        np.einsum("ij,ij->i", x, x, out=aug[:, d + 1])
+        np.sqrt(aug[:, d + 1], out=aug[:, d + 1])
+        aug[:, d + 1] *= -radius
+        aug[:, d + 1] -= float(wq[d].max()) + 1.0
+        shifted = np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)])
+        e = np.matmul(aug, shifted, out=self._buffer("q", rows, wq.shape[1], x.dtype))
         if rows:
-            np.subtract(e, e.max(axis=1, keepdims=True), out=e)
+            low = e[:, :SAMPLE].max(axis=1) < -GAP
+            if low.any():
+                e[low] -= e[low].max(axis=1, keepdims=True)
         return np.exp(e, out=e)
 
     def key_sums(self, xp: ModuleType, kf: Any, v1: Any) -> Any:

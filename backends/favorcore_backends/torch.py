@@ -29,6 +29,8 @@ import favorcore
 from favorcore import AttentionState, FeatureMap, PositiveFeatures, register_step
 from favorcore._tiled import TiledOps
 
+from .numpy import GAP, SAMPLE
+
 __all__ = [
     "DEFAULT_SEGMENT",
     "FavorAttention",
@@ -80,12 +82,18 @@ class TorchOps(TiledOps):
             qf: torch.Tensor = super().query_block(xp, x, wq)
             return qf
         rows, d = x.shape
-        aug = torch.empty(rows, d + 1, dtype=x.dtype, device=x.device)
+        # as in the NumPy fast path: an upper-bound shift from |x| inside the matmul, the
+        # exact row max only for rows that fall far below it
+        aug = torch.empty(rows, d + 2, dtype=x.dtype, device=x.device)
         aug[:, :d] = x
         aug[:, d] = 1.0
-        e = torch.mm(aug, wq)
+        radius = wq[:d].square().sum(0).amax().sqrt()
+        aug[:, d + 1] = torch.linalg.vector_norm(x, dim=1).mul_(-radius).sub_(wq[d].amax() + 1.0)
+        e = torch.mm(aug, torch.cat([wq, torch.ones_like(wq[:1])]))
         if rows:
-            e.sub_(e.amax(1, keepdim=True))
+            low = e[:, :SAMPLE].amax(1) < -GAP
+            if bool(low.any()):
+                e[low] -= e[low].amax(1, keepdim=True)
         return e.exp_()
 
 

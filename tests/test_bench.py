@@ -1,0 +1,32 @@
+"""A smoke run of the benchmark (tiny sizes) so that the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from favorcore import bench
+
+
+def test_bench_smoke(tmp_path, capsys) -> None:
+    result = bench.bench(
+        [32, 64], heads=1, d=8, m=16, repeats=1, threads=1, methods=list(bench.METHODS),
+        out_dir=tmp_path, plots=False,
+    )  # fmt: skip
+    rows = [r for r in result["rows"] if "error" not in r]
+    assert rows, result["rows"]
+    assert {r["method"] for r in rows} >= {"favorcore-numpy"}
+    for r in rows:
+        assert r["median_s"] > 0
+        assert r["peak_mib"] >= 0
+        assert r["gflops"] == pytest.approx(8 * r["L"] * 16 * 8 / r["median_s"] / 1e9)
+    assert not [r for r in result["rows"] if "error" in r], result["rows"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["shape"] == {"heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1}
+    assert "GEMM rate" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_options() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--lengths", "0"])
