@@ -19,7 +19,7 @@ import nox
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "docs"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
@@ -73,6 +73,15 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx site with warnings as errors (figures computed during the build)."""
+    _install(session, "docs")
+    # the API reference imports every adapter
+    session.install(TORCH, "jax", "flax", "dask[array,distributed]", "scikit-learn")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html", *session.posargs)
 
 
 PEERS = [  # performer-pytorch and its dependencies, without letting them replace torch

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -64,3 +67,43 @@ def check_array(backend: Backend, x: Any, *, shape: tuple[int, ...], dtype: Any)
     if backend.device is not None:
         assert array_api_compat.device(x) == backend.device
     return to_numpy(x)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(relative: str) -> list[str]:
+    """The ```python blocks of a Markdown file of the repository."""
+    text = (ROOT / relative).read_text()
+    return [b.split("```")[0] for b in text.split("```python\n")[1:]]
+
+
+def top_modules(code: str) -> set[str]:
+    """Top-level modules an example imports."""
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def example_id(code: str) -> str:
+    """A test id from an example's imports."""
+    return "-".join(sorted(top_modules(code)))
+
+
+def run_example(code: str) -> None:
+    """Execute an example; skip it (with the reason) when a framework or GPU is missing."""
+    import pytest
+
+    missing = sorted(m for m in top_modules(code) if importlib.util.find_spec(m) is None)
+    if missing:
+        pytest.skip(f"the example needs {missing}, not installed in this session")
+    if "cupy" in top_modules(code):
+        import cupy
+
+        if not cupy.cuda.is_available():
+            pytest.skip("the CuPy example needs a CUDA GPU")
+    exec(compile(code, "example", "exec"), {})  # noqa: S102 (the repository's own docs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import io
 import os
 import subprocess
@@ -11,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import example_id, python_blocks, run_example
 
 import favorcore
 from favorcore import cli
@@ -77,29 +76,6 @@ def test_command_line_rejects_bad_options() -> None:
         cli.main(["demo", "--input-std", "-1"])
 
 
-def _readme_blocks() -> list[str]:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return [b.split("```")[0] for b in readme.split("```python\n")[1:]]
-
-
-def _top_modules(code: str) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(code)):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-@pytest.mark.parametrize("code", _readme_blocks(), ids=lambda c: "-".join(sorted(_top_modules(c))))
+@pytest.mark.parametrize("code", python_blocks("README.md"), ids=example_id)
 def test_readme_examples_run(code: str) -> None:
-    missing = sorted(m for m in _top_modules(code) if importlib.util.find_spec(m) is None)
-    if missing:
-        pytest.skip(f"the example needs {missing}, not installed in this session")
-    if "cupy" in _top_modules(code):
-        import cupy
-
-        if not cupy.cuda.is_available():
-            pytest.skip("the CuPy example needs a CUDA GPU")
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (our own README)
+    run_example(code)

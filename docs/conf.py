@@ -1,0 +1,108 @@
+"""Sphinx configuration: MyST pages, API reference from the numpydoc docstrings.
+
+At build time it runs ``scripts/figures.py`` (the accuracy figures) and renders the
+benchmark table (from ``_static/bench/bench.json``, written by ``nox -s bench``) and the
+backend support matrix (from ``favorcore_backends.support``) into ``_generated/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+GENERATED = HERE / "_generated"
+GENERATED.mkdir(exist_ok=True)
+
+project = "favorcore"
+author = "the favorcore developers"
+copyright = "2026, the favorcore developers"
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
+]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "scripts", "_generated/*.md"]
+html_theme = "furo"
+html_static_path = ["_static"]
+html_title = "favorcore"
+autodoc_mock_imports = ["cupy"]  # the CuPy adapter documents itself without a GPU
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints = "description"
+napoleon_numpy_docstring = True
+napoleon_google_docstring = False
+napoleon_use_rtype = False
+nitpicky = False
+intersphinx_mapping = (
+    {"python": ("https://docs.python.org/3", None)}
+    if os.environ.get("FAVORCORE_DOCS_ONLINE")
+    else {}
+)
+suppress_warnings = ["myst.header"]
+
+
+def _bench_table() -> str:
+    path = HERE / "_static" / "bench" / "bench.json"
+    if not path.exists():
+        return "*No benchmark results yet: run `nox -s bench`.*\n"
+    data = json.loads(path.read_text())
+    shape = data["shape"]
+    lines = [
+        f"float32, batch 1, {shape['heads']} heads, d = {shape['d']}, m = {shape['m']}, "
+        f"{shape['threads']} threads. GEMM rate measured in the same run: "
+        + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in data["gemm_gflops"].items())
+        + ".",
+        "",
+        "| L | mode | method | median ms | peak MiB | GFLOP/s | % of GEMM |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        if "median_s" not in r:
+            lines.append(f"| {r['L']} | {r['mode']} | {r['method']} | error | | | |")
+            continue
+        lines.append(
+            f"| {r['L']} | {r['mode']} | {r['method']} | {1e3 * r['median_s']:.1f} | "
+            f"{r['peak_mib']:.1f} | {r['gflops']:.1f} | {r['pct_gemm']:.1f} |"
+        )
+    lines += [
+        "",
+        "| L | mode | favorcore | peer | speed-up | memory vs peer |",
+        "|---:|---|---|---|---:|---:|",
+    ]
+    for r in data["ratios"]:
+        lines.append(
+            f"| {r['L']} | {r['mode']} | {r['method']} | {r['peer']} | {r['speedup']:.2f}x | "
+            f"{r['memory_ratio']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _support_table() -> str:
+    from favorcore_backends.support import SUPPORT
+
+    lines = [
+        "| backend | dtypes | devices | jit / compile | autograd | adapter |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in SUPPORT.items():
+        lines.append(
+            f"| {name} | {', '.join(row['dtypes'])} | {', '.join(row['devices'])} | {row['jit']} | "
+            f"{row['autograd']} | {row['adapter']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+(GENERATED / "bench_table.md").write_text(_bench_table())
+(GENERATED / "support_table.md").write_text(_support_table())
+if not os.environ.get("FAVORCORE_DOCS_SKIP_FIGURES"):
+    sys.argv = ["figures.py", str(HERE / "_static" / "figures")]
+    runpy.run_path(str(HERE / "scripts" / "figures.py"), run_name="__main__")

@@ -1,0 +1,15 @@
+"""Every Python example of the docs runs (so that none can go stale)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import example_id, python_blocks, run_example
+
+EXAMPLES = [(page, code) for page in ("docs/getting-started.md",) for code in python_blocks(page)]
+
+
+@pytest.mark.parametrize(
+    ("page", "code"), EXAMPLES, ids=[f"{p.split('/')[-1]}-{example_id(c)}" for p, c in EXAMPLES]
+)
+def test_docs_example_runs(page: str, code: str) -> None:
+    run_example(code)
