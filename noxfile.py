@@ -81,7 +81,16 @@ def docs(session: nox.Session) -> None:
     _install(session, "docs")
     # the API reference imports every adapter
     session.install(TORCH, "jax", "flax", "dask[array,distributed]", "scikit-learn")
-    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html", *session.posargs)
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )
 
 
 PEERS = [  # performer-pytorch and its dependencies, without letting them replace torch

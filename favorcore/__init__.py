@@ -21,6 +21,7 @@ from .attention import (
     softmax_attention,
 )
 from .features import (
+    AccuracyWarning,
     FeatureMap,
     GeneralizedFeatures,
     PositiveFeatures,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "AccuracyWarning",
     "AttentionState",
     "FeatureMap",
     "GeneralizedFeatures",

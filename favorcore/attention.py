@@ -20,14 +20,15 @@ call.
 from __future__ import annotations
 
 import math
+import warnings
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._compat import Array, compute_dtype, device, is_floating, namespace
+from ._compat import Array, compute_dtype, device, is_eager, is_floating, namespace
 from ._linear import causal_sums, normalise
 from ._registry import lookup
 from ._tiled import tiled_attention
-from .features import FeatureMap, PositiveFeatures
+from .features import AccuracyWarning, FeatureMap, PositiveFeatures, TrigonometricFeatures
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -138,6 +139,54 @@ def _check_scale(scale: float | None, d: int) -> float:
     return float(scale)
 
 
+def _check_devices(xp: ModuleType, **arrays: Array | None) -> None:
+    present = {n: a for n, a in arrays.items() if a is not None}
+    # a traced JAX value reports no device: compare the ones that are known
+    devices = {n: dev for n, a in present.items() if (dev := device(a)) is not None}
+    first = next(iter(devices.values()), None)
+    if any(dev != first for dev in devices.values()):
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"arrays on more than one device ({listed}); move them to one device")
+
+
+def _check_finite(xp: ModuleType, mask: Array | None, **arrays: Array) -> None:
+    """Raise if an eager array holds NaN/inf where it is used (query rows; unmasked keys)."""
+    if not all(is_eager(a) for a in arrays.values()):
+        return  # lazy arrays are never read (documented)
+    for name, a in arrays.items():
+        keyed = name in ("k", "kf", "v")
+        values = xp.where(mask, a, 0.0) if (keyed and mask is not None) else a
+        if not bool(xp.all(xp.isfinite(values))):
+            where = " at unmasked positions" if keyed else ""
+            raise ValueError(
+                f"{name} holds NaN or inf{where}; pass check_finite=False to skip this check "
+                "(masked positions may hold anything)"
+            )
+
+
+def _warn_nonpositive(xp: ModuleType, den: Array, mask: Array | None, causal: bool) -> None:
+    """Warn when query rows with valid keys got a normaliser <= 0 (trigonometric features)."""
+    bad = den <= 0
+    if mask is not None:
+        valid = xp.astype(mask[..., 0], xp.int32)
+        has_key = (
+            (xp.cumulative_sum(valid, axis=-1) > 0)
+            if causal
+            else (xp.sum(valid, axis=-1, keepdims=True) > 0)
+        )
+        bad = bad & has_key[..., None]
+    count = int(xp.sum(xp.astype(bad, xp.int32)))
+    if count:
+        warnings.warn(
+            AccuracyWarning(
+                f"{count} query rows got an estimated normaliser <= 0 from trigonometric "
+                "features, which are not positive; their outputs are set to 0. Use "
+                "PositiveFeatures or hyperbolic_features, or inputs of smaller norm."
+            ),
+            stacklevel=3,
+        )
+
+
 def _check_projection(features: FeatureMap, projection: Array | None, d: int) -> None:
     if projection is None:
         return
@@ -201,8 +250,8 @@ def _linear_core(
     chunk: int,
     kv0: Array | None,
     batch: tuple[int, ...],
-) -> tuple[Array, Array | None]:
-    """Validated linear attention in the compute dtype; returns ``(out, kv or None)``."""
+) -> tuple[Array, Array, Array]:
+    """Validated linear attention in the compute dtype; returns ``(out, kv, normaliser)``."""
     dtype = qf.dtype
     v = xp.astype(v, dtype, copy=False)
     ones = xp.ones((*v.shape[:-1], 1), dtype=dtype, device=device(v))
@@ -216,12 +265,13 @@ def _linear_core(
         if kv0 is not None:
             kv = kv + kv0
         kv = xp.broadcast_to(kv, (*batch, *kv.shape[-2:]))
-        return normalise(xp, qf @ kv, dv), kv
+        out1 = qf @ kv
+        return normalise(xp, out1, dv), kv, out1[..., dv:]
     qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
     kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
     v1 = xp.broadcast_to(v1, (*batch, *v1.shape[-2:]))
     out1, kv = causal_sums(xp, qf, kf, v1, kv0, chunk)
-    return normalise(xp, out1, dv), kv
+    return normalise(xp, out1, dv), kv, out1[..., dv:]
 
 
 def linear_attention(
@@ -234,6 +284,7 @@ def linear_attention(
     chunk_size: int | None = None,
     state: AttentionState | None = None,
     return_state: bool = False,
+    check_finite: bool = True,
 ) -> Array | tuple[Array, AttentionState]:
     r"""Linear attention ``D^-1 phi(Q) (phi(K)^T [V | 1])`` on precomputed features.
 
@@ -259,6 +310,9 @@ def linear_attention(
     return_state : bool
         Also return the :class:`AttentionState` after this call: ``state`` plus this call's
         keys.
+    check_finite : bool
+        On eager arrays, raise ``ValueError`` for NaN or inf in ``qf``, or in ``kf``/``v`` at
+        unmasked positions.
 
     Returns
     -------
@@ -283,13 +337,16 @@ def linear_attention(
     True
     """
     xp = namespace(qf=qf, kf=kf, v=v, key_mask=key_mask)
+    _check_devices(xp, qf=qf, kf=kf, v=v, key_mask=key_mask)
     batch = _check_qkv(xp, qf, kf, v, ("qf", "kf", "v"))
     _check_causal(causal, qf.shape[-2], kf.shape[-2], ("qf", "kf"))
     mask = _check_mask(xp, key_mask, batch, kf.shape[-2])
     chunk = _check_chunk(chunk_size)
     dtype = compute_dtype(xp, qf.dtype)
     kv0 = _check_state(xp, state, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
-    out, kv = _linear_core(
+    if check_finite:
+        _check_finite(xp, mask, qf=qf, kf=kf, v=v)
+    out, kv, _ = _linear_core(
         xp, xp.astype(qf, dtype, copy=False), xp.astype(kf, dtype, copy=False), v, mask,
         causal=causal, chunk=chunk, kv0=kv0, batch=batch,
     )  # fmt: skip
@@ -310,6 +367,7 @@ def favor_attention(
     state: AttentionState | None = None,
     return_state: bool = False,
     projection: Array | None = None,
+    check_finite: bool = True,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -348,6 +406,12 @@ def favor_attention(
         ``features.feature_matrix(d)``, in ``q``'s namespace; by default the map's own
         (drawn from its seed). Adapters pass theirs (a module buffer, a draw from a
         ``jax.random`` key).
+    check_finite : bool
+        On eager arrays (not under ``jax.jit``, not Dask), raise ``ValueError`` if ``q``,
+        or ``k``/``v`` at unmasked positions, hold NaN or inf, and warn
+        (:class:`AccuracyWarning`) when trigonometric features give query rows a normaliser
+        <= 0 (their output is 0). Lazy arrays are never read: there NaN propagates to the
+        rows it touches.
 
     Returns
     -------
@@ -388,6 +452,7 @@ def favor_attention(
     if not isinstance(features, FeatureMap):
         raise TypeError(f"features must be a FeatureMap, got {type(features).__name__}")
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, projection=projection)
+    _check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, projection=projection)
     batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
     _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
@@ -397,6 +462,8 @@ def favor_attention(
     dtype = compute_dtype(xp, q.dtype)
     m = features.num_features(q.shape[-1])
     kv0 = _check_state(xp, state, (*batch, m, v.shape[-1] + 1), dtype, q)
+    if check_finite:
+        _check_finite(xp, mask, q=q, k=k, v=v)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     w = (
         features.projection_like(x)
@@ -414,9 +481,11 @@ def favor_attention(
         if mask is not None:  # garbage in padding must not reach the features (or gradients)
             y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
         qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
-        out, kv = _linear_core(
+        out, kv, den = _linear_core(
             xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
         )
+        if check_finite and isinstance(features, TrigonometricFeatures) and is_eager(den):
+            _warn_nonpositive(xp, den, mask, causal)
     out = xp.astype(out, q.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
 
@@ -429,6 +498,7 @@ def softmax_attention(
     causal: bool = False,
     key_mask: Array | None = None,
     scale: float | None = None,
+    check_finite: bool = True,
 ) -> Array:
     r"""Exact softmax attention ``softmax(scale q k^T) v``, the reference for FAVOR.
 
@@ -444,10 +514,13 @@ def softmax_attention(
     [1.0, 2.4621171572600096]
     """
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask)
+    _check_devices(xp, q=q, k=k, v=v, key_mask=key_mask)
     batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
     _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
     scale = _check_scale(scale, q.shape[-1])
+    if check_finite:
+        _check_finite(xp, mask, q=q, k=k, v=v)
     dtype = compute_dtype(xp, q.dtype)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     allowed = None

@@ -37,6 +37,7 @@ from ._compat import (
     compute_dtype,
     device,
     from_host,
+    is_eager,
     is_floating,
     is_tracer,
     namespace,
@@ -51,6 +52,7 @@ from .projection import (
 )
 
 __all__ = [
+    "AccuracyWarning",
     "FeatureMap",
     "GeneralizedFeatures",
     "PositiveFeatures",
@@ -59,6 +61,10 @@ __all__ = [
 ]
 
 _CACHE_SIZE = 8
+
+
+class AccuracyWarning(UserWarning):
+    """An estimate favorcore computed is known to be inaccurate (e.g. a normaliser <= 0)."""
 
 
 def _key_bound(xp: ModuleType, dtype: Any) -> float:
@@ -374,10 +380,23 @@ class TrigonometricFeatures(FeatureMap):
         key_mask: Array | None = None,
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
-        """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped."""
+        """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped.
+
+        Raises ``ValueError`` (eager arrays) when a key's ``exp(|y|^2/2)`` would overflow the
+        compute dtype: the estimate would be inf/NaN, not an answer.
+        """
         w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
         px, py = _project(xp, x, w), _project(xp, y, w)
+        if is_eager(y) and y.shape[-2]:
+            top = float(xp.max(_half_sq_norm(xp, y, py.dtype)))
+            limit = math.log(float(xp.finfo(py.dtype).max)) - math.log(max(y.shape[-2], 1)) - 1.0
+            if top > limit:
+                raise ValueError(
+                    f"keys too large for trigonometric features: exp(|y|^2/2) = exp({top:.1f}) "
+                    f"overflows {py.dtype} (limit exp({limit:.1f})); use PositiveFeatures, "
+                    "which bound every key feature, or scale the inputs down"
+                )
         scale = 1.0 / math.sqrt(w.shape[0])
         qf = xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * scale
         kf = xp.concat([xp.sin(py), xp.cos(py)], axis=-1) * (

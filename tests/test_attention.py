@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -153,9 +154,12 @@ def test_causal_outputs_do_not_see_the_future(
     k2[:, t:] = rng.standard_normal((2, L - t, d)) * huge / math.sqrt(d)
     v2[:, t:] = 1e6
     a = backend.asarray
-    full = to_numpy(
-        fc.favor_attention(a(q), a(k2), a(v2), features=fmap, causal=True, chunk_size=8)
-    )
+    with warnings.catch_warnings():
+        # huge future keys make trigonometric normalisers <= 0 there: warned, rows set to 0
+        warnings.simplefilter("ignore", fc.AccuracyWarning)
+        full = to_numpy(
+            fc.favor_attention(a(q), a(k2), a(v2), features=fmap, causal=True, chunk_size=8)
+        )
     prefix = to_numpy(
         fc.favor_attention(
             a(q[:, :t]), a(k[:, :t]), a(v[:, :t]), features=fmap, causal=True, chunk_size=8

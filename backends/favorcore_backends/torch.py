@@ -111,6 +111,7 @@ def causal_favor_attention(
     chunk_size: int | None = None,
     projection: torch.Tensor | None = None,
     segment: int | None = DEFAULT_SEGMENT,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Causal FAVOR attention whose backward pass keeps O(segment * m) activations.
 
@@ -123,7 +124,7 @@ def causal_favor_attention(
     """
     kwargs: dict[str, Any] = {
         "features": features, "causal": True, "scale": scale, "chunk_size": chunk_size,
-        "projection": projection,
+        "projection": projection, "check_finite": check_finite,
     }  # fmt: skip
     length = q.shape[-2]
     needs_grad = torch.is_grad_enabled() and any(
@@ -433,6 +434,8 @@ class FavorAttention(nn.Module):
             kwargs: dict[str, Any] = {
                 "features": self.features, "key_mask": key_mask, "scale": self.scale,
                 "chunk_size": self.chunk_size, "projection": self.projection,
+                # no device sync (nor graph break) per call: inputs come from the projections
+                "check_finite": False,
             }  # fmt: skip
             if causal:
                 out = causal_favor_attention(q, k, v, segment=self.segment, **kwargs)
@@ -536,13 +539,15 @@ def register_transformers(name: str = "favor", *, features: FeatureMap | None = 
             km = None if key_mask is None else key_mask[:, None, :]
             if causal and query.shape[2] == key.shape[2]:
                 out = causal_favor_attention(query, key, value, features=fmap, key_mask=km,
-                                             scale=scaling, chunk_size=chunk_size)  # fmt: skip
+                                             scale=scaling, chunk_size=chunk_size,
+                                             check_finite=False)  # fmt: skip
             elif causal:
                 raise ValueError(
                     "causal attention with a key/value cache is not supported by this registration"
                 )
             else:
-                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling)
+                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling,
+                             check_finite=False)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(name, attention)
