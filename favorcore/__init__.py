@@ -20,6 +20,7 @@ from .attention import (
     linear_attention,
     softmax_attention,
 )
+from .diagnostics import ErrorEstimate, estimate_error
 from .features import (
     AccuracyWarning,
     FeatureMap,
@@ -36,12 +37,14 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "AccuracyWarning",
     "AttentionState",
+    "ErrorEstimate",
     "FeatureMap",
     "GeneralizedFeatures",
     "PositiveFeatures",
     "TrigonometricFeatures",
     "__version__",
     "draw_projection",
+    "estimate_error",
     "fast_paths",
     "favor_attention",
     "hyperbolic_features",

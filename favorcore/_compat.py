@@ -28,6 +28,7 @@ __all__ = [
     "is_tracer",
     "namespace",
     "stop_gradient",
+    "to_host",
 ]
 
 
@@ -104,6 +105,21 @@ def stop_gradient(xp: ModuleType, x: Array) -> Array:
 
         return jax.lax.stop_gradient(x)
     return x
+
+
+def to_host(x: Array) -> np.ndarray:
+    """A NumPy copy of ``x`` from any supported framework and device (for diagnostics)."""
+    if array_api_compat.is_torch_array(x):
+        return np.asarray(x.detach().cpu().float() if x.dtype.itemsize < 4 else x.detach().cpu())
+    if array_api_compat.is_cupy_array(x):
+        return np.asarray(x.get())
+    if array_api_compat.is_dask_array(x):
+        return np.asarray(x.compute())  # type: ignore[no-untyped-call]
+    if type(x).__module__.startswith("array_api_strict"):
+        import array_api_strict
+
+        return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
+    return np.asarray(x)
 
 
 def from_host(xp: ModuleType, host: np.ndarray, *, dtype: Any, device: Any) -> Array:

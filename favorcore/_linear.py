@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ._compat import Array, device
+from ._compat import Array, device, stop_gradient
 
 __all__ = ["causal_sums", "normalise"]
 
 
 def normalise(xp: ModuleType, out1: Array, dv: int) -> Array:
-    """Divide the first ``dv`` columns by the last; rows with a normaliser <= 0 give 0."""
+    """Divide the first ``dv`` columns by the last (the normaliser ``D``).
+
+    Rows with ``D`` at most the smallest normal number of the dtype (no valid key, or
+    every feature product underflowed, or a trigonometric estimate <= 0) give 0. The
+    division is done as ``(num / c) / (D / c)`` with ``c = D`` held constant: the same
+    value and gradient, but the backward pass never forms ``D**2`` (which underflows to 0
+    and turns gradients into inf/NaN when ``D`` is small). Rows with ``D <= eps**2 *
+    max(D)`` (the largest over the rows of the same batch and head) keep their value but
+    pass no gradient.
+    """
     num, den = out1[..., :dv], out1[..., dv:]
-    ok = den > 0
-    return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
+    info = xp.finfo(den.dtype)
+    ok = den > float(info.smallest_normal)
+    safe = xp.where(ok, den, 1.0)  # no 0/0 even in the branch where() discards
+    c = stop_gradient(xp, safe)
+    value = (num / c) / (safe / c)
+    # A row whose normaliser is below eps**2 times the largest of its head keeps its value
+    # but passes no gradient: the gradient of its features would overflow before being
+    # multiplied by the (tiny) features themselves, giving inf * 0 = NaN.
+    top = stop_gradient(xp, xp.max(safe, axis=-2, keepdims=True)) if den.shape[-2] else safe
+    value = xp.where(den > top * float(info.eps) ** 2, value, stop_gradient(xp, value))
+    # NaN (from NaN inputs with check_finite=False) propagates instead of becoming 0
+    return xp.where(ok | xp.isnan(den), value, 0.0)
 
 
 def _causal_blocks(

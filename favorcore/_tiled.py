@@ -81,9 +81,9 @@ class TiledOps:
         """``phi(K_b)^T [V_b | 1]`` (a new array)."""
         return xp.matrix_transpose(kf) @ v1
 
-    def answer(self, xp: ModuleType, qf: Array, kv: Array, dv: int, out: Array | None) -> Array:
-        """Normalised ``phi(Q_b) kv`` (see :meth:`normalise`)."""
-        return self.normalise(xp, qf @ kv, dv, out)
+    def answer(self, xp: ModuleType, qf: Array, kv: Array) -> Array:
+        """Unnormalised ``phi(Q_b) kv`` (may be a buffer, read before the next call)."""
+        return qf @ kv
 
     def normalise(self, xp: ModuleType, o: Array, dv: int, out: Array | None) -> Array:
         """``o[:, :dv] / o[:, dv:]`` (0 where that is <= 0), into ``out`` if :meth:`output` gave one."""
@@ -119,8 +119,11 @@ def tiled_attention(
     chunk: int,
     kv0: Array | None,
     batch: tuple[int, ...],
-) -> tuple[Array, Array]:
-    """Normalised FAVOR+ attention ``(out, kv)`` in the compute dtype of ``x``.
+) -> tuple[Array, Array, Array]:
+    """Normalised FAVOR+ attention ``(out, kv, small)`` in the compute dtype of ``x``.
+
+    ``small`` is ``(..., Lq, 1)``: rows whose normaliser was <= the smallest normal number
+    (their output is 0).
 
     ``x``, ``y``, ``v`` are unscaled, in the compute dtype; ``mask`` is ``(..., Lk, 1)``
     boolean or None; ``w`` is the map's matrix (``[W; -W]`` if antithetic).
@@ -166,6 +169,13 @@ def tiled_attention(
 
     parts = max(1, -(-ops.workers // n_rows))
     dest = ops.output(xp, (n_rows, lq, dv), dtype, dev)
+    tiny = float(xp.finfo(dtype).smallest_normal)
+
+    def finish(o: Array, n: int, s: int, e: int) -> tuple[Array, Array]:
+        """Normalise a block; also which rows had a normaliser <= tiny (set to 0)."""
+        small = o[:, dv:] <= tiny
+        return ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :]), small
+
     if not causal:
         k_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lk, parts)]
         partial = ops.map(key_sums, k_items)
@@ -179,12 +189,10 @@ def tiled_attention(
                     total = total + kv
             totals.append(total)
 
-        def answer(item: tuple[int, int, int]) -> list[Array]:
+        def answer(item: tuple[int, int, int]) -> list[tuple[Array, Array]]:
             n, lo, hi = item
             return [
-                ops.answer(
-                    xp, queries(n, s, e), totals[n], dv, None if dest is None else dest[n, s:e, :]
-                )
+                finish(ops.answer(xp, queries(n, s, e), totals[n]), n, s, e)
                 for s, e in blocks(lo, hi)
             ]
 
@@ -206,13 +214,15 @@ def tiled_attention(
                 seg_starts.append(run)
             starts.append(seg_starts)
 
-        def run_causal(item: tuple[int, int, int, int]) -> tuple[list[Array], Array | None]:
+        def run_causal(
+            item: tuple[int, int, int, int],
+        ) -> tuple[list[tuple[Array, Array]], Array | None]:
             n, j, lo, hi = item
             state, outs = starts[n][j], []
             for s, e in blocks(lo, hi):
                 kf, v1 = keys(n, s, e)
                 o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk)
-                outs.append(ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :]))
+                outs.append(finish(o, n, s, e))
             return outs, state
 
         results = ops.map(
@@ -224,12 +234,16 @@ def tiled_attention(
             last = results[n * len(segs) + len(segs) - 1][1]
             totals.append(xp.zeros((m, dv + 1), dtype=dtype, device=dev) if last is None else last)
     kv = xp.reshape(xp.stack(totals), (*batch, m, dv + 1))
-    if dest is not None:
-        return xp.reshape(dest, (*batch, lq, dv)), kv
-    rows = []
     per_row = len(answers) // n_rows
-    for n in range(n_rows):
-        pieces = [b for item in answers[n * per_row : (n + 1) * per_row] for b in item]
-        rows.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0) if pieces else
-                    xp.zeros((0, dv), dtype=dtype, device=dev))  # fmt: skip
-    return xp.reshape(xp.stack(rows), (*batch, lq, dv)), kv
+
+    def join(part: int, width: int, kind: Any) -> Array:
+        rows = []
+        for n in range(n_rows):
+            pieces = [b[part] for item in answers[n * per_row : (n + 1) * per_row] for b in item]
+            rows.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0) if pieces else
+                        xp.zeros((0, width), dtype=kind, device=dev))  # fmt: skip
+        return xp.reshape(xp.stack(rows), (*batch, lq, width))
+
+    small = join(1, 1, xp.bool)
+    out = xp.reshape(dest, (*batch, lq, dv)) if dest is not None else join(0, dv, dtype)
+    return out, kv, small

@@ -71,6 +71,8 @@ def _check_qkv(
         if not is_floating(xp, a.dtype):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
     nq, nk, nv = names
+    if q.shape[-1] == 0:
+        raise ValueError(f"{nq} must have a feature dimension d >= 1, got shape {tuple(q.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"{nq} and {nk} need the same last dimension, got {nq}.shape={tuple(q.shape)} "
@@ -164,9 +166,10 @@ def _check_finite(xp: ModuleType, mask: Array | None, **arrays: Array) -> None:
             )
 
 
-def _warn_nonpositive(xp: ModuleType, den: Array, mask: Array | None, causal: bool) -> None:
-    """Warn when query rows with valid keys got a normaliser <= 0 (trigonometric features)."""
-    bad = den <= 0
+def _warn_small_normaliser(
+    xp: ModuleType, bad: Array, mask: Array | None, causal: bool, features: FeatureMap
+) -> None:
+    """Warn when query rows with valid keys got no usable normaliser (their output is 0)."""
     if mask is not None:
         valid = xp.astype(mask[..., 0], xp.int32)
         has_key = (
@@ -176,15 +179,21 @@ def _warn_nonpositive(xp: ModuleType, den: Array, mask: Array | None, causal: bo
         )
         bad = bad & has_key[..., None]
     count = int(xp.sum(xp.astype(bad, xp.int32)))
-    if count:
-        warnings.warn(
-            AccuracyWarning(
-                f"{count} query rows got an estimated normaliser <= 0 from trigonometric "
-                "features, which are not positive; their outputs are set to 0. Use "
-                "PositiveFeatures or hyperbolic_features, or inputs of smaller norm."
-            ),
-            stacklevel=3,
-        )
+    if not count:
+        return
+    if isinstance(features, TrigonometricFeatures):
+        why = ("<= 0 from trigonometric features, which are not positive; use PositiveFeatures "
+               "or hyperbolic_features, or inputs of smaller norm")  # fmt: skip
+    else:
+        why = ("that underflowed: every feature product of these queries with the keys was "
+               "below the smallest normal number; the inputs' norms are too large for FAVOR "
+               "in this dtype (scale them down, or use float64)")  # fmt: skip
+    warnings.warn(
+        AccuracyWarning(
+            f"{count} query rows got an estimated normaliser {why}; their outputs are set to 0."
+        ),
+        stacklevel=3,
+    )
 
 
 def _check_projection(features: FeatureMap, projection: Array | None, d: int) -> None:
@@ -473,7 +482,7 @@ def favor_attention(
     ops = lookup(xp, "tiled")
     if ops is not None and isinstance(features, PositiveFeatures):
         # the adapter's fast path: block by block (see favorcore._tiled)
-        out, kv = tiled_attention(
+        out, kv, small = tiled_attention(
             xp, ops, x, y, vc, w=w, root=root, features=features, causal=causal, mask=mask,
             chunk=chunk, kv0=kv0, batch=batch,
         )  # fmt: skip
@@ -484,8 +493,9 @@ def favor_attention(
         out, kv, den = _linear_core(
             xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
         )
-        if check_finite and isinstance(features, TrigonometricFeatures) and is_eager(den):
-            _warn_nonpositive(xp, den, mask, causal)
+        small = den <= float(xp.finfo(den.dtype).smallest_normal)
+    if check_finite and is_eager(small):
+        _warn_small_normaliser(xp, small, mask, causal, features)
     out = xp.astype(out, q.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
 

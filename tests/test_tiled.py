@@ -49,7 +49,7 @@ def test_engine_equals_core_path(
         )  # fmt: skip
     x, y, vv = a(q), a(k), a(v)
     dtype = compute_dtype(xp, x.dtype)
-    out, kv = tiled_attention(
+    out, kv, _ = tiled_attention(
         xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=math.sqrt(0.3), features=fmap,
         causal=causal, mask=None if mask is None else a(mask)[..., None], chunk=4,
         kv0=None if kv0 is None else a(kv0), batch=(2, 3),

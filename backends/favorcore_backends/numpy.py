@@ -108,17 +108,16 @@ class NumpyOps(TiledOps):
         """``kf^T [V | 1]``."""
         return np.matmul(kf.T, v1)
 
-    def answer(self, xp: ModuleType, qf: Any, kv: Any, dv: int, out: Any) -> Any:
-        """Normalised ``qf kv``, written into ``out``."""
-        o = np.matmul(qf, kv, out=self._buffer("o", qf.shape[0], kv.shape[1], qf.dtype))
-        return self.normalise(xp, o, dv, out)
+    def answer(self, xp: ModuleType, qf: Any, kv: Any) -> Any:
+        """``qf kv`` into this thread's buffer."""
+        return np.matmul(qf, kv, out=self._buffer("o", qf.shape[0], kv.shape[1], qf.dtype))
 
     def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
         den = o[:, dv:]
         with np.errstate(divide="ignore", invalid="ignore"):
             np.divide(o[:, :dv], den, out=out)
-        bad = den[:, 0] <= 0
+        bad = den[:, 0] <= np.finfo(den.dtype).smallest_normal  # as favorcore._linear.normalise
         if bad.any():
             out[bad] = 0.0
         return out
