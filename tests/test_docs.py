@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 from helpers import example_id, python_blocks, run_example
 
-EXAMPLES = [(page, code) for page in ("docs/getting-started.md",) for code in python_blocks(page)]
+EXAMPLES = [
+    (page, code)
+    for page in ("docs/getting-started.md", "docs/robustness.md")
+    for code in python_blocks(page)
+]
 
 
 @pytest.mark.parametrize(
