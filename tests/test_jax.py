@@ -171,3 +171,28 @@ def test_flax_module_redraw_mask_and_grad() -> None:
         variables["params"]
     )
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rows": 0, "d": 4}, ValueError, "rows must be a positive integer"),
+        ({"rows": 4, "d": 0}, ValueError, "d must be a positive integer"),
+        ({"rows": 4, "d": 4, "kind": "qr"}, ValueError, "kind must be one of"),
+        ({"rows": 4, "d": 4, "norms": "unit"}, ValueError, "norms must be one of"),
+        ({"rows": 4, "d": 6, "kind": "hadamard"}, ValueError, "power of two"),
+    ],
+)
+def test_key_draws_reject_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        fjax.draw_projection(jax.random.key(0), **kwargs)
+
+
+def test_feature_matrix_and_flax_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="uses no projection"):
+        fjax.feature_matrix(jax.random.key(0), fc.GeneralizedFeatures(m=None), 4)
+    layer = fflax.FavorSelfAttention(num_heads=3, features=FMAP)
+    with pytest.raises(
+        ValueError, match=r"qkv_features \(8\) must be a multiple of num_heads \(3\)"
+    ):
+        layer.init(jax.random.key(0), jnp.ones((1, 4, 8)))

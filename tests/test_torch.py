@@ -298,3 +298,16 @@ class _fastpath:
 
     def __exit__(self, *exc) -> None:
         torch.backends.mha.set_fastpath_enabled(self.before)
+
+
+def test_module_rejects_bad_calls() -> None:
+    mod = _module()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="key_padding_mask must be bool or float"):
+        mod(x, x, x, key_padding_mask=torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"query must have shape \(L, N, E\)"):
+        mod(x[None], x[None], x[None])
+    with pytest.raises(TypeError, match="features must be a FeatureMap"):
+        ftorch.FavorAttention(32, 4, features="favor+")
+    with pytest.raises(ValueError, match="FAVOR attention honours causal or full attention"):
+        ftorch._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)
