@@ -20,6 +20,7 @@ from .attention import (
     linear_attention,
     softmax_attention,
 )
+from .balance import Balance, apply_balance, balance_statistics
 from .diagnostics import ErrorEstimate, estimate_error
 from .features import (
     AccuracyWarning,
@@ -37,12 +38,15 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "AccuracyWarning",
     "AttentionState",
+    "Balance",
     "ErrorEstimate",
     "FeatureMap",
     "GeneralizedFeatures",
     "PositiveFeatures",
     "TrigonometricFeatures",
     "__version__",
+    "apply_balance",
+    "balance_statistics",
     "draw_projection",
     "estimate_error",
     "fast_paths",

@@ -28,6 +28,7 @@ from ._compat import Array, compute_dtype, device, is_eager, is_floating, namesp
 from ._linear import causal_sums, normalise
 from ._registry import lookup
 from ._tiled import tiled_attention
+from .balance import Balance, balance_statistics
 from .features import AccuracyWarning, FeatureMap, PositiveFeatures, TrigonometricFeatures
 
 __all__ = [
@@ -194,6 +195,45 @@ def _warn_small_normaliser(
         ),
         stacklevel=3,
     )
+
+
+def _check_balance(
+    xp: ModuleType,
+    balance: bool | Balance,
+    causal: bool,
+    state: AttentionState | None,
+    return_state: bool,
+    q: Array,
+    batch: tuple[int, ...],
+) -> bool | Balance:
+    if balance is False:
+        return False
+    if balance is True:
+        if causal or state is not None or return_state:
+            raise ValueError(
+                "balance=True computes its statistics from this call's tokens, which in causal "
+                "attention would use the future and across calls would change the carried "
+                "state; pass Balance statistics (balance_statistics on a calibration batch)"
+            )
+        return True
+    if not isinstance(balance, Balance):
+        raise TypeError(f"balance must be a bool or a Balance, got {type(balance).__name__}")
+    namespace(balance=balance.alpha, shift=balance.shift, inputs=q)
+    d = q.shape[-1]
+    for name, arr, tail in (("alpha", balance.alpha, (1, 1)), ("shift", balance.shift, (1, d))):
+        try:
+            ok = (
+                tuple(arr.shape[-2:]) == tail
+                and _broadcast_shapes(tuple(arr.shape[:-2]), batch) == batch
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"balance.{name} must have shape batch + {tail} with batch broadcasting to {batch}, "
+                f"got {tuple(arr.shape)}"
+            )
+    return balance
 
 
 def _check_projection(features: FeatureMap, projection: Array | None, d: int) -> None:
@@ -377,6 +417,7 @@ def favor_attention(
     return_state: bool = False,
     projection: Array | None = None,
     check_finite: bool = True,
+    balance: bool | Balance = False,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -421,6 +462,13 @@ def favor_attention(
         (:class:`AccuracyWarning`) when trigonometric features give query rows a normaliser
         <= 0 (their output is 0). Lazy arrays are never read: there NaN propagates to the
         rows it touches.
+    balance : bool or Balance
+        Exact variance reduction (:mod:`favorcore.balance`): balance queries against keys
+        and shift all keys by one vector, which leaves exact attention unchanged and lowers
+        the estimator's variance. ``True`` computes the statistics from this call's tokens
+        (bidirectional calls without ``state``/``return_state`` only); a :class:`Balance`
+        (from :func:`balance_statistics` on a calibration batch) is applied as given, also
+        in causal attention and across calls that share a state.
 
     Returns
     -------
@@ -474,6 +522,17 @@ def favor_attention(
     if check_finite:
         _check_finite(xp, mask, q=q, k=k, v=v)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
+    stats = _check_balance(xp, balance, causal, state, return_state, q, batch)
+    if stats is True:
+        stats = balance_statistics(q, k, key_mask=key_mask, scale=root * root)
+    if isinstance(stats, Balance):
+        if mask is not None:  # padding may hold NaN: keep it out of the products
+            y = xp.where(mask, y, 0.0)
+        x = x * (root * xp.astype(stats.alpha, dtype, copy=False))
+        y = y * (root / xp.astype(stats.alpha, dtype, copy=False)) - xp.astype(
+            stats.shift, dtype, copy=False
+        )
+        root = 1.0
     w = (
         features.projection_like(x)
         if projection is None
