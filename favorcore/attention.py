@@ -523,6 +523,12 @@ def favor_attention(
         _check_finite(xp, mask, q=q, k=k, v=v)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     stats = _check_balance(xp, balance, causal, state, return_state, q, batch)
+    if getattr(features, "data_dependent", False) and (causal or state is not None or return_state):
+        raise ValueError(
+            f"features: {type(features).__name__} computes statistics from each call's tokens, "
+            "which in causal attention would use the future and across calls would change the "
+            "carried state; give it fixed parameters (e.g. a=...)"
+        )
     if stats is True:
         stats = balance_statistics(q, k, key_mask=key_mask, scale=root * root)
     if isinstance(stats, Balance):
@@ -539,7 +545,7 @@ def favor_attention(
         else xp.astype(projection, dtype, copy=False)
     )
     ops = lookup(xp, "tiled")
-    if ops is not None and isinstance(features, PositiveFeatures):
+    if ops is not None and type(features) is PositiveFeatures:  # the engine's own map only
         # the adapter's fast path: block by block (see favorcore._tiled)
         out, kv, small = tiled_attention(
             xp, ops, x, y, vc, w=w, root=root, features=features, causal=causal, mask=mask,

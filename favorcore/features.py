@@ -55,6 +55,7 @@ __all__ = [
     "AccuracyWarning",
     "FeatureMap",
     "GeneralizedFeatures",
+    "OptimalPositiveFeatures",
     "PositiveFeatures",
     "TrigonometricFeatures",
     "hyperbolic_features",
@@ -335,6 +336,119 @@ class PositiveFeatures(FeatureMap):
         w = _needs_projection(self, self.projection_like(x))
         px = _project(xp, x, w)
         return xp.exp(px - _half_sq_norm(xp, x, px.dtype) - 0.5 * math.log(w.shape[0]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimalPositiveFeatures(PositiveFeatures):
+    r"""FAVOR++ (optimal positive random features, arXiv 2205.15317).
+
+    ``phi(x) = m^(-1/2) (1 - 4A)^(d/4) exp(A |w|^2 + sqrt(1 - 4A) w . x - |x|^2/2)``, one
+    term per projection row, unbiased for ``A < 1/4`` (``A = 0`` is FAVOR+). The constant
+    ``(1 - 4A)^(d/4)`` cancels in attention and is kept (in log space) only by :meth:`phi`.
+
+    With ``a=None`` the map picks the variance-minimising
+    ``A* = (1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)) / 16`` from the data,
+    ``rho = mean_ij |x_i + y_j|^2 / d`` over all queries and the valid keys (O(L d)), per
+    batch row and head: a statistic of queries and keys together, held constant for
+    autograd. Such a data-dependent map is for bidirectional calls; causal attention and
+    calls that carry a state need a fixed ``a`` (e.g. ``A*`` of a calibration batch,
+    :meth:`optimal_a`). Antithetic ``+-w`` pairs are on by default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).standard_normal((20, 8)) / 3
+    >>> qf, kf = OptimalPositiveFeatures(m=64, seed=0)(x, x)
+    >>> bool((qf > 0).all() and (kf > 0).all())
+    True
+    """
+
+    antithetic: bool = True
+    a: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.a is not None and not (
+            isinstance(self.a, int | float) and math.isfinite(self.a) and self.a < 0.25
+        ):
+            raise ValueError(
+                f"a must be a finite number < 1/4 (unbiased estimator), got {self.a!r}"
+            )
+
+    @property
+    def data_dependent(self) -> bool:
+        """True when ``A`` is computed from each call's queries and keys."""
+        return self.a is None
+
+    @staticmethod
+    def optimal_a(x: Array, y: Array, *, key_mask: Array | None = None) -> Array:
+        """``A*`` for scaled rows ``x`` and ``y``, shape ``batch + (1, 1)`` (a constant)."""
+        xp = namespace(x=x, y=y, key_mask=key_mask)
+        dtype = compute_dtype(xp, x.dtype)
+        x, y = xp.astype(x, dtype, copy=False), xp.astype(y, dtype, copy=False)
+        sq_x = xp.mean(xp.sum(x * x, axis=-1, keepdims=True), axis=-2, keepdims=True)
+        mean_x = xp.mean(x, axis=-2, keepdims=True)
+        if key_mask is None:
+            sq_y = xp.mean(xp.sum(y * y, axis=-1, keepdims=True), axis=-2, keepdims=True)
+            mean_y = xp.mean(y, axis=-2, keepdims=True)
+        else:
+            w = xp.astype(key_mask, dtype)[..., None]
+            y = xp.where(key_mask[..., None], y, 0.0)
+            count = xp.maximum(xp.sum(w, axis=-2, keepdims=True), xp.ones_like(w[..., :1, :]))
+            sq_y = xp.sum(w * xp.sum(y * y, axis=-1, keepdims=True), axis=-2, keepdims=True) / count
+            mean_y = xp.sum(w * y, axis=-2, keepdims=True) / count
+        rho = (sq_x + sq_y + 2 * xp.sum(mean_x * mean_y, axis=-1, keepdims=True)) / x.shape[-1]
+        rho = xp.where(rho > 0, rho, 0.0)
+        a = (1 - 2 * rho - xp.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
+        return stop_gradient(xp, a)
+
+    def _a(self, xp: ModuleType, x: Array, y: Array, key_mask: Array | None) -> Any:
+        if self.a is not None:
+            return self.a
+        if x.shape[-2] == 0 or y.shape[-2] == 0:
+            raise ValueError(
+                "a data-dependent OptimalPositiveFeatures needs queries and keys in one call"
+            )
+        return self.optimal_a(x, y, key_mask=key_mask)
+
+    def apply(
+        self,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        key_mask: Array | None = None,
+        xp: ModuleType | None = None,
+    ) -> tuple[Array, Array]:
+        """Stabilised FAVOR++ features (the stabilisers of :class:`PositiveFeatures`)."""
+        w = _needs_projection(self, w)
+        xp = namespace(x=x, y=y, w=w) if xp is None else xp
+        a = self._a(xp, x, y, key_mask)
+        b = (1 - 4 * a) ** 0.5
+        px, py = _project(xp, x, w) * b, _project(xp, y, w) * b
+        half_log_m = 0.5 * math.log(w.shape[0])
+        sq = xp.sum(w * w, axis=-1)
+        bias = a * sq  # A |w|^2, per feature
+        top = bias + (b * b) * sq / 2  # the largest a key's exponent can be
+        bound = _key_bound(xp, w.dtype)
+        offset = xp.where(top > bound, top - bound, 0.0)
+        lq = px + bias + offset
+        if lq.shape[-2] != 0:
+            lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
+        qf = xp.exp(lq - half_log_m)
+        kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) + bias - offset - half_log_m)
+        return qf, kf
+
+    def phi(self, x: Array) -> Array:
+        """Unbiased features for a fixed ``a`` (a data-dependent map has no single phi)."""
+        if self.a is None:
+            raise ValueError("phi needs a fixed a: OptimalPositiveFeatures(a=...)")
+        xp = self._check_inputs(x=x)
+        w = _needs_projection(self, self.projection_like(x))
+        b = math.sqrt(1 - 4 * self.a)
+        px = _project(xp, x, w) * b
+        log_c = x.shape[-1] / 4 * math.log(1 - 4 * self.a) - 0.5 * math.log(w.shape[0])
+        return xp.exp(px + self.a * xp.sum(w * w, axis=-1) - _half_sq_norm(xp, x, px.dtype) + log_c)
 
 
 def hyperbolic_features(m: int = 256, **kwargs: Any) -> PositiveFeatures:
