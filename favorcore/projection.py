@@ -18,8 +18,13 @@ Kinds
     Blocks that are products of ``d * ceil(ln d)`` Givens rotations, each in a plane
     ``(i, j)`` with ``i != j`` drawn without replacement, with a uniform angle; every block
     has fresh draws.
+``"simplex"``
+    Simplex random features (arXiv 2301.13856): the ``d`` unit rows of a block point to
+    the vertices of a regular simplex (pairwise cosine ``-1/(d-1)``), rotated by a
+    Haar-random orthogonal matrix; each row is still marginally uniform in direction.
 
-Within a block the rows are exactly orthogonal for all kinds but ``"iid"``. Row norms are
+Within a block the rows are exactly orthogonal for all kinds but ``"iid"`` and
+``"simplex"`` (whose rows have the simplex's negative cosines). Row norms are
 then either ``"chi"`` (independent chi(d) lengths, so that each row is marginally
 Gaussian, which keeps the softmax-kernel estimators unbiased for ``"iid"`` and
 ``"orthogonal"``) or ``"fixed"`` (every row has length ``sqrt(d)``).
@@ -35,7 +40,7 @@ import numpy as np
 
 from ._compat import Array, from_host
 
-ProjectionKind = Literal["iid", "orthogonal", "hadamard", "givens"]
+ProjectionKind = Literal["iid", "orthogonal", "hadamard", "givens", "simplex"]
 NormKind = Literal["chi", "fixed"]
 Seed = int | np.random.SeedSequence | None
 
@@ -89,7 +94,28 @@ def _givens_block(rng: np.random.Generator, d: int) -> np.ndarray:
     return block
 
 
-_BLOCKS = {"orthogonal": _orthogonal_block, "hadamard": _hadamard_block, "givens": _givens_block}
+def simplex_directions(d: int) -> np.ndarray:
+    """The ``d`` unit rows of a regular simplex centred at 0 (pairwise cosine ``-1/(d-1)``)."""
+    if d == 1:
+        return np.ones((1, 1))
+    s = np.eye(d) - 1.0 / d
+    unit: np.ndarray = s / np.linalg.norm(s, axis=1, keepdims=True)
+    return unit
+
+
+def _simplex_block(rng: np.random.Generator, d: int) -> np.ndarray:
+    if d == 1:
+        return np.array([[rng.choice([-1.0, 1.0])]])
+    block: np.ndarray = simplex_directions(d) @ _orthogonal_block(rng, d)
+    return block
+
+
+_BLOCKS = {
+    "orthogonal": _orthogonal_block,
+    "hadamard": _hadamard_block,
+    "givens": _givens_block,
+    "simplex": _simplex_block,
+}
 
 
 def draw_projection(
@@ -108,7 +134,7 @@ def draw_projection(
         Number of rows (random directions), any positive number, more or fewer than ``d``.
     d : int
         Input dimension.
-    kind : {"iid", "orthogonal", "hadamard", "givens"}
+    kind : {"iid", "orthogonal", "hadamard", "givens", "simplex"}
         How rows are coupled; see the module docstring.
     norms : {"chi", "fixed"}
         Row lengths: independent chi(d) draws, or all ``sqrt(d)``.

@@ -97,7 +97,7 @@ def _estimates(phi: Callable, x: np.ndarray, y: np.ndarray, draws: list[np.ndarr
 
 
 @pytest.mark.parametrize("name", list(MAPS))
-@pytest.mark.parametrize("kind", ["iid", "orthogonal"])
+@pytest.mark.parametrize("kind", ["iid", "orthogonal", "simplex"])
 def test_softmax_estimators_are_unbiased(rng: np.random.Generator, name: str, kind: str) -> None:
     # Mean over S seeds of phi(x).phi(y) -> exp(x.y); the bound is Z standard errors of the
     # mean, the standard error estimated from the same S draws.

@@ -19,7 +19,7 @@ fjax = pytest.importorskip("favorcore_backends.jax")
 FMAP = fc.hyperbolic_features(16, seed=0)
 
 
-@pytest.mark.parametrize("kind", ["iid", "orthogonal", "hadamard", "givens"])
+@pytest.mark.parametrize("kind", ["iid", "orthogonal", "hadamard", "givens", "simplex"])
 @pytest.mark.parametrize("norms", ["chi", "fixed"])
 def test_key_draws_are_orthogonal_and_jittable(kind: str, norms: str) -> None:
     key = jax.random.key(3)
@@ -38,7 +38,13 @@ def test_key_draws_are_orthogonal_and_jittable(kind: str, norms: str) -> None:
     if kind != "iid":
         for start in (0, 8, 16):
             block = np.asarray(w[start : start + 8]) / lengths[start : start + 8, None]
-            np.testing.assert_allclose(block @ block.T, np.eye(len(block)), atol=1e-12)
+            rows = len(block)
+            want = (
+                np.eye(rows)
+                if kind != "simplex"
+                else np.full((rows, rows), -1 / 7) + np.eye(rows) * (1 + 1 / 7)
+            )
+            np.testing.assert_allclose(block @ block.T, want, atol=1e-12)
     other = fjax.draw_projection(
         jax.random.key(4), 20, 8, kind=kind, norms=norms, dtype=jnp.float64
     )

@@ -101,3 +101,26 @@ def test_givens_rotations_never_reuse_an_index() -> None:
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         draw_projection(**kwargs)
+
+
+@pytest.mark.parametrize("d", [2, 3, 8, 16])
+@pytest.mark.parametrize("norms", ["chi", "fixed"])
+def test_simplex_blocks_are_rotated_regular_simplices(d: int, norms: str) -> None:
+    w = draw_projection(3 * d, d, kind="simplex", norms=norms, seed=2)
+    for start in range(0, 3 * d, d):
+        block = w[start : start + d]
+        unit = block / np.linalg.norm(block, axis=1, keepdims=True)
+        cos = unit @ unit.T
+        want = np.full((d, d), -1.0 / (d - 1))
+        np.fill_diagonal(want, 1.0)
+        np.testing.assert_allclose(cos, want, atol=1e-12)
+    assert not np.allclose(w[:d], w[d : 2 * d])  # each block has its own rotation
+
+
+def test_simplex_rows_are_marginally_uniform() -> None:
+    # as for the orthogonal kind: first coordinates symmetric, unit variance (chi lengths)
+    d, blocks = 4, 6000
+    w = draw_projection(d * blocks, d, kind="simplex", seed=9)
+    first = w[::d, 0]
+    assert abs(first.mean() / math.sqrt(1 / blocks)) < Z
+    assert abs((first**2).mean() - 1) / math.sqrt(2 / blocks) < Z

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from favorcore import FeatureMap
-from favorcore.projection import NORM_KINDS, PROJECTION_KINDS
+from favorcore.projection import NORM_KINDS, PROJECTION_KINDS, simplex_directions
 
 __all__ = ["draw_projection", "feature_matrix"]
 
@@ -61,7 +61,20 @@ def _givens_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:
     return block
 
 
-_BLOCKS = {"orthogonal": _orthogonal_block, "hadamard": _hadamard_block, "givens": _givens_block}
+def _simplex_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:
+    if d == 1:
+        return jax.random.rademacher(key, (1, 1), dtype)
+    directions = jnp.asarray(simplex_directions(d), dtype)
+    rotated: jax.Array = directions @ _orthogonal_block(key, d, dtype)
+    return rotated
+
+
+_BLOCKS = {
+    "orthogonal": _orthogonal_block,
+    "hadamard": _hadamard_block,
+    "givens": _givens_block,
+    "simplex": _simplex_block,
+}
 
 
 def draw_projection(
