@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy  # imported up front, not first inside a jax.jit trace
 import numpy as np
 
 Array = Any

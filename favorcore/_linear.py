@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 from ._compat import Array, device, stop_gradient
@@ -9,16 +10,20 @@ from ._compat import Array, device, stop_gradient
 __all__ = ["causal_sums", "normalise"]
 
 
-def normalise(xp: ModuleType, out1: Array, dv: int) -> Array:
+def normalise(xp: ModuleType, out1: Array, dv: int, kv: Array | None = None) -> Array:
     """Divide the first ``dv`` columns by the last (the normaliser ``D``).
 
     Rows with ``D`` at most the smallest normal number of the dtype (no valid key, or
     every feature product underflowed, or a trigonometric estimate <= 0) give 0. The
     division is done as ``(num / c) / (D / c)`` with ``c = D`` held constant: the same
     value and gradient, but the backward pass never forms ``D**2`` (which underflows to 0
-    and turns gradients into inf/NaN when ``D`` is small). Rows with ``D <= eps**2 *
-    max(D)`` (the largest over the rows of the same batch and head) keep their value but
-    pass no gradient.
+    and turns gradients into inf/NaN when ``D`` is small).
+
+    Gradients: the gradient of a query's features is about ``|kv| / D`` times the output's
+    and is multiplied by the features only afterwards; where ``D`` is so small that it
+    would overflow (``D <= sqrt(smallest normal)`` or ``D <= max|kv| * 1e4 / max float``,
+    ``kv`` the key sums the row was answered from), the row keeps its value but passes no
+    gradient instead of ``inf * 0 = NaN``.
     """
     num, den = out1[..., :dv], out1[..., dv:]
     info = xp.finfo(den.dtype)
@@ -26,11 +31,12 @@ def normalise(xp: ModuleType, out1: Array, dv: int) -> Array:
     safe = xp.where(ok, den, 1.0)  # no 0/0 even in the branch where() discards
     c = stop_gradient(xp, safe)
     value = (num / c) / (safe / c)
-    # A row whose normaliser is below eps**2 times the largest of its head keeps its value
-    # but passes no gradient: the gradient of its features would overflow before being
-    # multiplied by the (tiny) features themselves, giving inf * 0 = NaN.
-    top = stop_gradient(xp, xp.max(safe, axis=-2, keepdims=True)) if den.shape[-2] else safe
-    value = xp.where(den > top * float(info.eps) ** 2, value, stop_gradient(xp, value))
+    floor = math.sqrt(float(info.smallest_normal))
+    grad_ok = den > floor
+    if kv is not None:
+        bound = stop_gradient(xp, xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True))
+        grad_ok = grad_ok & (den > bound * (1e4 / float(info.max)))
+    value = xp.where(grad_ok, value, stop_gradient(xp, value))
     # NaN (from NaN inputs with check_finite=False) propagates instead of becoming 0
     return xp.where(ok | xp.isnan(den), value, 0.0)
 

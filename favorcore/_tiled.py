@@ -85,9 +85,11 @@ class TiledOps:
         """Unnormalised ``phi(Q_b) kv`` (may be a buffer, read before the next call)."""
         return qf @ kv
 
-    def normalise(self, xp: ModuleType, o: Array, dv: int, out: Array | None) -> Array:
+    def normalise(
+        self, xp: ModuleType, o: Array, dv: int, out: Array | None, kv: Array | None = None
+    ) -> Array:
         """``o[:, :dv] / o[:, dv:]`` (0 where that is <= 0), into ``out`` if :meth:`output` gave one."""
-        return normalise(xp, o, dv)
+        return normalise(xp, o, dv, kv)
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], dtype: Any, dev: Any) -> Array | None:
         """A writable output array for :meth:`answer` to fill, or None (blocks are joined)."""
@@ -171,10 +173,10 @@ def tiled_attention(
     dest = ops.output(xp, (n_rows, lq, dv), dtype, dev)
     tiny = float(xp.finfo(dtype).smallest_normal)
 
-    def finish(o: Array, n: int, s: int, e: int) -> tuple[Array, Array]:
+    def finish(o: Array, n: int, s: int, e: int, kv: Array | None) -> tuple[Array, Array]:
         """Normalise a block; also which rows had a normaliser <= tiny (set to 0)."""
         small = o[:, dv:] <= tiny
-        return ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :]), small
+        return ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :], kv), small
 
     if not causal:
         k_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lk, parts)]
@@ -192,7 +194,7 @@ def tiled_attention(
         def answer(item: tuple[int, int, int]) -> list[tuple[Array, Array]]:
             n, lo, hi = item
             return [
-                finish(ops.answer(xp, queries(n, s, e), totals[n]), n, s, e)
+                finish(ops.answer(xp, queries(n, s, e), totals[n]), n, s, e, totals[n])
                 for s, e in blocks(lo, hi)
             ]
 
@@ -222,7 +224,7 @@ def tiled_attention(
             for s, e in blocks(lo, hi):
                 kf, v1 = keys(n, s, e)
                 o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk)
-                outs.append(finish(o, n, s, e))
+                outs.append(finish(o, n, s, e, state))
             return outs, state
 
         results = ops.map(

@@ -315,12 +315,12 @@ def _linear_core(
             kv = kv + kv0
         kv = xp.broadcast_to(kv, (*batch, *kv.shape[-2:]))
         out1 = qf @ kv
-        return normalise(xp, out1, dv), kv, out1[..., dv:]
+        return normalise(xp, out1, dv, kv), kv, out1[..., dv:]
     qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
     kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
     v1 = xp.broadcast_to(v1, (*batch, *v1.shape[-2:]))
     out1, kv = causal_sums(xp, qf, kf, v1, kv0, chunk)
-    return normalise(xp, out1, dv), kv, out1[..., dv:]
+    return normalise(xp, out1, dv, kv), kv, out1[..., dv:]
 
 
 def linear_attention(

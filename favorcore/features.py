@@ -302,6 +302,8 @@ class PositiveFeatures(FeatureMap):
         """``[w; -w]`` for the antithetic (hyperbolic) map, else ``w``."""
         if not self.antithetic:
             return w
+        if isinstance(w, np.ndarray):  # the host matrix
+            return np.concatenate([w, -w])
         xp = namespace(w=w)
         return xp.concat([w, -w], axis=0)
 

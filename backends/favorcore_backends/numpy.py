@@ -112,7 +112,7 @@ class NumpyOps(TiledOps):
         """``qf kv`` into this thread's buffer."""
         return np.matmul(qf, kv, out=self._buffer("o", qf.shape[0], kv.shape[1], qf.dtype))
 
-    def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any) -> Any:
+    def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
         den = o[:, dv:]
         with np.errstate(divide="ignore", invalid="ignore"):

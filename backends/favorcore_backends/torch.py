@@ -502,7 +502,7 @@ def favorize(model: nn.Module, **kwargs: Any) -> nn.Module:
 
 
 def register_transformers(name: str = "favor", *, features: FeatureMap | None = None,
-                          chunk_size: int | None = None) -> str:  # fmt: skip
+                          chunk_size: int | None = None, balance: bool = False) -> str:  # fmt: skip
     """Register FAVOR attention with Hugging Face ``transformers`` under ``name``.
 
     Registers an attention function with ``AttentionInterface`` and a mask function with
@@ -511,6 +511,9 @@ def register_transformers(name: str = "favor", *, features: FeatureMap | None = 
     attention function the key-padding mask and whether attention is causal; any other
     mask (sliding windows, arbitrary patterns) raises. Load a model with
     ``attn_implementation=name``, or set ``model.config._attn_implementation = name``.
+
+    ``balance=True`` applies the exact balance and key shift (:mod:`favorcore.balance`) in
+    bidirectional layers, with statistics from each call's valid tokens.
 
     Returns ``name``.
     """
@@ -546,7 +549,7 @@ def register_transformers(name: str = "favor", *, features: FeatureMap | None = 
                     "causal attention with a key/value cache is not supported by this registration"
                 )
             else:
-                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling,
+                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling, balance=balance,
                              check_finite=False)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
