@@ -262,6 +262,33 @@ def _project(xp: ModuleType, x: Array, w: Array | None) -> Array:
     return x if w is None else x @ xp.matrix_transpose(w)
 
 
+def _positive_pair(xp: ModuleType, x: Array, y: Array, w: Array, a: Any) -> tuple[Array, Array]:
+    """Stabilised ``exp(A |w|^2 + sqrt(1 - 4A) w . x - |x|^2/2)`` for queries and keys.
+
+    ``A = 0`` is FAVOR+. Queries: ``-|x|^2/2`` (a per-row constant) is dropped and the row
+    max taken out. Keys: no data-dependent shift; the per-feature constant
+    ``c_i = max(0, top_i - B)`` (``top_i = A |w_i|^2 + (1 - 4A) |w_i|^2 / 2``, the largest a
+    key's exponent can be) moves to the query side, so every key feature is <= exp(B).
+    """
+    px, py = _project(xp, x, w), _project(xp, y, w)
+    sq = xp.sum(w * w, axis=-1)
+    if isinstance(a, float) and a == 0.0:
+        bias, top = 0.0, sq / 2
+    else:
+        b = (1 - 4 * a) ** 0.5
+        px, py = px * b, py * b
+        bias, top = a * sq, a * sq + (1 - 4 * a) * sq / 2
+    half_log_m = 0.5 * math.log(w.shape[0])
+    bound = _key_bound(xp, w.dtype)
+    offset = xp.where(top > bound, top - bound, 0.0)
+    lq = px + bias + offset
+    if lq.shape[-2] != 0:  # (no queries: a key-only call; Dask cannot reduce empty arrays)
+        lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
+    qf = xp.exp(lq - half_log_m)
+    kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) + bias - offset - half_log_m)
+    return qf, kf
+
+
 @dataclass(frozen=True, kw_only=True)
 class PositiveFeatures(FeatureMap):
     r"""FAVOR+ positive random features for the softmax kernel.
@@ -319,18 +346,7 @@ class PositiveFeatures(FeatureMap):
         """Stabilised positive features; see the module docstring for the stabilisers."""
         w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        px, py = _project(xp, x, w), _project(xp, y, w)
-        half_log_m = 0.5 * math.log(w.shape[0])
-        half_sq = xp.sum(w * w, axis=-1) / 2
-        offset = xp.where(half_sq > _key_bound(xp, w.dtype), half_sq - _key_bound(xp, w.dtype), 0.0)
-        # Queries: -|x|^2/2 is a per-row constant and dropped; the per-row max is exact.
-        lq = px + offset
-        if lq.shape[-2] != 0:  # (no queries: a key-only call; Dask cannot reduce empty arrays)
-            lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
-        qf = xp.exp(lq - half_log_m)
-        # Keys: no data-dependent shift; every value is <= exp(B).
-        kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) - (offset + half_log_m))
-        return qf, kf
+        return _positive_pair(xp, x, y, w, 0.0)
 
     def phi(self, x: Array) -> Array:
         """Unbiased features ``m^(-1/2) exp(W x - |x|^2/2)`` (may overflow for large norms)."""
@@ -425,21 +441,7 @@ class OptimalPositiveFeatures(PositiveFeatures):
         """Stabilised FAVOR++ features (the stabilisers of :class:`PositiveFeatures`)."""
         w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        a = self._a(xp, x, y, key_mask)
-        b = (1 - 4 * a) ** 0.5
-        px, py = _project(xp, x, w) * b, _project(xp, y, w) * b
-        half_log_m = 0.5 * math.log(w.shape[0])
-        sq = xp.sum(w * w, axis=-1)
-        bias = a * sq  # A |w|^2, per feature
-        top = bias + (b * b) * sq / 2  # the largest a key's exponent can be
-        bound = _key_bound(xp, w.dtype)
-        offset = xp.where(top > bound, top - bound, 0.0)
-        lq = px + bias + offset
-        if lq.shape[-2] != 0:
-            lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
-        qf = xp.exp(lq - half_log_m)
-        kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) + bias - offset - half_log_m)
-        return qf, kf
+        return _positive_pair(xp, x, y, w, self._a(xp, x, y, key_mask))
 
     def phi(self, x: Array) -> Array:
         """Unbiased features for a fixed ``a`` (a data-dependent map has no single phi)."""
