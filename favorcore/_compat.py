@@ -28,6 +28,7 @@ __all__ = [
     "is_floating",
     "is_tracer",
     "namespace",
+    "row_mean",
     "stop_gradient",
     "to_host",
 ]
@@ -121,6 +122,17 @@ def to_host(x: Array) -> np.ndarray:
 
         return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
     return np.asarray(x)
+
+
+def row_mean(xp: ModuleType, a: Array, keep: Array | None) -> Array:
+    """Mean over axis -2 of ``a`` ``(..., L, w)`` restricted to rows where ``keep``
+    ``(..., L)`` is True (all rows when None); ``(..., 1, w)``. No valid row gives 0."""
+    if keep is None:
+        return xp.mean(a, axis=-2, keepdims=True)
+    weight = xp.astype(keep, a.dtype)[..., None]
+    count = xp.sum(weight, axis=-2, keepdims=True)
+    total = xp.sum(xp.where(keep[..., None], a, 0.0), axis=-2, keepdims=True)
+    return total / xp.where(count > 0, count, 1.0)
 
 
 def from_host(xp: ModuleType, host: np.ndarray, *, dtype: Any, device: Any) -> Array:

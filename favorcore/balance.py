@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ._compat import Array, compute_dtype, namespace, stop_gradient
+from ._compat import Array, compute_dtype, namespace, row_mean, stop_gradient
 
 __all__ = ["Balance", "apply_balance", "balance_statistics"]
 
@@ -64,20 +64,10 @@ def balance_statistics(
     root = math.sqrt(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     x = xp.astype(q, dtype, copy=False) * root
     y = xp.astype(k, dtype, copy=False) * root
-    mean_x = xp.mean(x, axis=-2, keepdims=True)
-    var_x = xp.mean(xp.sum((x - mean_x) ** 2, axis=-1, keepdims=True), axis=-2, keepdims=True)
-    if key_mask is None:
-        mean_y = xp.mean(y, axis=-2, keepdims=True)
-        var_y = xp.mean(xp.sum((y - mean_y) ** 2, axis=-1, keepdims=True), axis=-2, keepdims=True)
-    else:
-        w = xp.astype(key_mask, dtype)[..., None]
-        y = xp.where(key_mask[..., None], y, 0.0)
-        count = xp.maximum(xp.sum(w, axis=-2, keepdims=True), xp.ones_like(w[..., :1, :]))
-        mean_y = xp.sum(w * y, axis=-2, keepdims=True) / count
-        var_y = (
-            xp.sum(w * xp.sum((y - mean_y) ** 2, axis=-1, keepdims=True), axis=-2, keepdims=True)
-            / count
-        )
+    mean_x = row_mean(xp, x, None)
+    var_x = row_mean(xp, xp.sum((x - mean_x) ** 2, axis=-1, keepdims=True), None)
+    mean_y = row_mean(xp, y, key_mask)
+    var_y = row_mean(xp, xp.sum((y - mean_y) ** 2, axis=-1, keepdims=True), key_mask)
     tiny = float(xp.finfo(dtype).smallest_normal)
     ok = (var_x > tiny) & (var_y > tiny)
     alpha = xp.where(ok, (xp.where(ok, var_y, 1.0) / xp.where(ok, var_x, 1.0)) ** 0.25, 1.0)

@@ -41,6 +41,7 @@ from ._compat import (
     is_floating,
     is_tracer,
     namespace,
+    row_mean,
     stop_gradient,
 )
 from .projection import (
@@ -404,17 +405,10 @@ class OptimalPositiveFeatures(PositiveFeatures):
         xp = namespace(x=x, y=y, key_mask=key_mask)
         dtype = compute_dtype(xp, x.dtype)
         x, y = xp.astype(x, dtype, copy=False), xp.astype(y, dtype, copy=False)
-        sq_x = xp.mean(xp.sum(x * x, axis=-1, keepdims=True), axis=-2, keepdims=True)
-        mean_x = xp.mean(x, axis=-2, keepdims=True)
-        if key_mask is None:
-            sq_y = xp.mean(xp.sum(y * y, axis=-1, keepdims=True), axis=-2, keepdims=True)
-            mean_y = xp.mean(y, axis=-2, keepdims=True)
-        else:
-            w = xp.astype(key_mask, dtype)[..., None]
-            y = xp.where(key_mask[..., None], y, 0.0)
-            count = xp.maximum(xp.sum(w, axis=-2, keepdims=True), xp.ones_like(w[..., :1, :]))
-            sq_y = xp.sum(w * xp.sum(y * y, axis=-1, keepdims=True), axis=-2, keepdims=True) / count
-            mean_y = xp.sum(w * y, axis=-2, keepdims=True) / count
+        sq_x = row_mean(xp, xp.sum(x * x, axis=-1, keepdims=True), None)
+        mean_x = row_mean(xp, x, None)
+        sq_y = row_mean(xp, xp.sum(y * y, axis=-1, keepdims=True), key_mask)
+        mean_y = row_mean(xp, y, key_mask)
         rho = (sq_x + sq_y + 2 * xp.sum(mean_x * mean_y, axis=-1, keepdims=True)) / x.shape[-1]
         rho = xp.where(rho > 0, rho, 0.0)
         a = (1 - 2 * rho - xp.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16

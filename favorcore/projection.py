@@ -65,7 +65,8 @@ def _orthogonal_block(rng: np.random.Generator, d: int) -> np.ndarray:
     return block
 
 
-def _hadamard(d: int) -> np.ndarray:
+def hadamard_matrix(d: int) -> np.ndarray:
+    """The normalised ``d x d`` Walsh-Hadamard matrix (``d`` a power of two)."""
     h: np.ndarray = np.ones((1, 1))
     while h.shape[0] < d:
         h = np.block([[h, h], [h, -h]])
@@ -73,7 +74,7 @@ def _hadamard(d: int) -> np.ndarray:
 
 
 def _hadamard_block(rng: np.random.Generator, d: int) -> np.ndarray:
-    h = _hadamard(d)
+    h = hadamard_matrix(d)
     block = np.eye(d)
     for _ in range(3):
         block = h @ (rng.choice([-1.0, 1.0], size=d)[:, None] * block)

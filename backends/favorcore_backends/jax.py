@@ -19,7 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from favorcore import FeatureMap
-from favorcore.projection import NORM_KINDS, PROJECTION_KINDS, simplex_directions
+from favorcore.projection import (
+    NORM_KINDS,
+    PROJECTION_KINDS,
+    hadamard_matrix,
+    simplex_directions,
+)
 
 __all__ = ["draw_projection", "feature_matrix"]
 
@@ -31,10 +36,7 @@ def _orthogonal_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:
 
 
 def _hadamard_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:
-    h = jnp.ones((1, 1), dtype)
-    while h.shape[0] < d:
-        h = jnp.block([[h, h], [h, -h]])
-    h = h / math.sqrt(d)
+    h = jnp.asarray(hadamard_matrix(d), dtype)
     block = jnp.eye(d, dtype=dtype)
     for sub in jax.random.split(key, 3):
         block = h @ (jax.random.rademacher(sub, (d,), dtype)[:, None] * block)

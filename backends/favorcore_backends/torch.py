@@ -90,7 +90,9 @@ class TorchOps(TiledOps):
         radius = wq[:d].square().sum(0).amax().sqrt()
         aug[:, d + 1] = torch.linalg.vector_norm(x, dim=1).mul_(-radius).sub_(wq[d].amax() + 1.0)
         e = torch.mm(aug, torch.cat([wq, torch.ones_like(wq[:1])]))
-        if rows:
+        if rows and e.device.type != "cpu":
+            e.sub_(e.amax(1, keepdim=True))  # exact max: no host sync per block on a GPU
+        elif rows:
             low = e[:, :SAMPLE].amax(1) < -GAP
             if bool(low.any()):
                 e[low] -= e[low].amax(1, keepdim=True)
