@@ -128,7 +128,7 @@ def row_mean(xp: ModuleType, a: Array, keep: Array | None) -> Array:
     """Mean over axis -2 of ``a`` ``(..., L, w)`` restricted to rows where ``keep``
     ``(..., L)`` is True (all rows when None); ``(..., 1, w)``. No valid row gives 0."""
     if keep is None:
-        return xp.mean(a, axis=-2, keepdims=True)
+        return xp.sum(a, axis=-2, keepdims=True) / max(a.shape[-2], 1)
     weight = xp.astype(keep, a.dtype)[..., None]
     count = xp.sum(weight, axis=-2, keepdims=True)
     total = xp.sum(xp.where(keep[..., None], a, 0.0), axis=-2, keepdims=True)

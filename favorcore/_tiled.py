@@ -1,4 +1,4 @@
-r"""The tiled engine: FAVOR+ attention block by block, for eager backends.
+r"""The tiled engine: FAVOR+ and FAVOR++ attention block by block, for eager backends.
 
 The plain core computes ``phi(Q)`` and ``phi(K)`` for the whole sequence and then two
 products. This engine computes them for blocks of ``block`` rows at a time, so that the
@@ -7,8 +7,9 @@ products. This engine computes them for blocks of ``block`` rows at a time, so t
 * the whole exponent of a block comes out of one matmul, its scales and shifts folded in
   as extra input columns: ``[y, -s^2/2 |y|^2, 1] @ [s W^T; 1; -c - log sqrt(m)]`` for keys,
   ``[x, 1] @ [s W^T; c]`` for queries (``s = sqrt(scale)``, ``c`` the data-independent key
-  offset of :class:`~favorcore.PositiveFeatures`); then one ``exp`` (queries first take
-  their row max out, exactly as the feature map does);
+  offset of :class:`~favorcore.PositiveFeatures`; FAVOR++ scales ``W`` by
+  ``sqrt(1 - 4A)`` and adds ``A |w|^2`` to both constant rows); then one ``exp`` (queries
+  first take their row max out, exactly as the feature map does);
 * keys' sums ``phi(K_b)^T [V_b | 1]`` accumulate in an :class:`~favorcore.AttentionState`,
   queries are answered from it; causal blocks run :func:`~favorcore.attention.causal_sums`
   with the state carried from block to block;
@@ -29,7 +30,7 @@ from typing import Any
 
 from ._compat import Array, device, stop_gradient
 from ._linear import causal_sums, normalise
-from .features import PositiveFeatures, _key_bound
+from .features import _key_bound
 
 __all__ = ["TiledOps", "tiled_attention"]
 
@@ -106,6 +107,35 @@ def _segments(length: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def _exponent_matrices(
+    xp: ModuleType, w: Array, root: float, a: float | Array, batch: tuple[int, ...], n_rows: int
+) -> tuple[Array, Array]:
+    """The keys' and queries' exponent matrices ``(R, d + 2, m)``, ``(R, d + 1, m)``.
+
+    ``R`` is 1 for a float ``a``, else one per batch row. With ``b = sqrt(1 - 4A)`` and
+    the map's terms (:func:`favorcore.features._positive_pair`): keys
+    ``[y, -root^2 |y|^2 / 2, 1] @ [b root W^T; 1; A |w|^2 - c - log sqrt(m)]``, queries
+    ``[x, 1] @ [b root W^T; A |w|^2 + c]``.
+    """
+    dtype, dev, m = w.dtype, device(w), w.shape[0]
+    sq = xp.reshape(xp.sum(w * w, axis=-1), (1, 1, m))
+    if isinstance(a, float | int):
+        coef = xp.full((1, 1, 1), float(a), dtype=dtype, device=dev)
+    else:
+        coef = xp.reshape(xp.broadcast_to(a, (*batch, 1, 1)), (n_rows, 1, 1))
+        coef = stop_gradient(xp, xp.astype(coef, dtype, copy=False))
+    b = xp.sqrt(1 - 4 * coef)
+    bias = coef * sq
+    top = bias + (1 - 4 * coef) * sq / 2
+    bound = _key_bound(xp, dtype)
+    offset = xp.where(top > bound, top - bound, 0.0)
+    w_t = xp.matrix_transpose(w)[None, ...] * (b * root)
+    ones = xp.ones((w_t.shape[0], 1, m), dtype=dtype, device=dev)
+    wk = xp.concat([w_t, ones, bias - offset - 0.5 * math.log(m)], axis=1)
+    wq = xp.concat([w_t, bias + offset], axis=1)
+    return wk, wq
+
+
 def tiled_attention(
     xp: ModuleType,
     ops: TiledOps,
@@ -115,7 +145,7 @@ def tiled_attention(
     *,
     w: Array,
     root: float,
-    features: PositiveFeatures,
+    a: float | Array,
     causal: bool,
     mask: Array | None,
     chunk: int,
@@ -128,7 +158,8 @@ def tiled_attention(
     (their output is 0).
 
     ``x``, ``y``, ``v`` are unscaled, in the compute dtype; ``mask`` is ``(..., Lk, 1)``
-    boolean or None; ``w`` is the map's matrix (``[W; -W]`` if antithetic).
+    boolean or None; ``w`` is the map's matrix (``[W; -W]`` if antithetic); ``a`` the
+    exponent's ``A`` (0: FAVOR+; FAVOR++: a float or an array ``batch + (1, 1)``).
     """
     dtype, dev = x.dtype, device(x)
     n_rows = math.prod(batch)
@@ -142,21 +173,16 @@ def tiled_attention(
     m3 = None if mask is None else flat(mask, lk, 1)
     kv3 = None if kv0 is None else xp.reshape(kv0, (n_rows, m, dv + 1))
 
-    half_sq = xp.sum(w * w, axis=-1) / 2
-    bound = _key_bound(xp, dtype)
-    offset = xp.where(half_sq > bound, half_sq - bound, 0.0)
-    w_t = xp.matrix_transpose(w) * root
-    ones_m = xp.ones((1, m), dtype=dtype, device=dev)
-    wk = xp.concat([w_t, ones_m, xp.reshape(-offset - 0.5 * math.log(m), (1, m))], axis=0)
-    wq = xp.concat([w_t, xp.reshape(offset, (1, m))], axis=0)
+    wk, wq = _exponent_matrices(xp, w, root, a, batch, n_rows)
     half_root_sq = 0.5 * root * root
 
     def keys(n: int, lo: int, hi: int) -> tuple[Array, Array]:
         keep = None if m3 is None else m3[n, lo:hi, :]
-        return ops.key_block(xp, y3[n, lo:hi, :], v3[n, lo:hi, :], keep, wk, half_root_sq)
+        wk_n = wk[n % wk.shape[0], ...]
+        return ops.key_block(xp, y3[n, lo:hi, :], v3[n, lo:hi, :], keep, wk_n, half_root_sq)
 
     def queries(n: int, lo: int, hi: int) -> Array:
-        return ops.query_block(xp, x3[n, lo:hi, :], wq)
+        return ops.query_block(xp, x3[n, lo:hi, :], wq[n % wq.shape[0], ...])
 
     def blocks(lo: int, hi: int) -> list[tuple[int, int]]:
         return [(s, min(s + ops.block, hi)) for s in range(lo, hi, ops.block)]

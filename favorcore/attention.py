@@ -29,7 +29,15 @@ from ._linear import causal_sums, normalise
 from ._registry import lookup
 from ._tiled import tiled_attention
 from .balance import Balance, balance_statistics
-from .features import AccuracyWarning, FeatureMap, PositiveFeatures, TrigonometricFeatures
+from .features import (
+    AccuracyWarning,
+    FeatureMap,
+    OptimalPositiveFeatures,
+    PositiveFeatures,
+    TrigonometricFeatures,
+    _needs_projection,
+    _positive_pair,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -108,15 +116,23 @@ def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+#: the maps the tiled engine computes itself (subclasses may override apply)
+_TILED_MAPS = (PositiveFeatures, OptimalPositiveFeatures)
+
+
 def _check_mask(
-    xp: ModuleType, key_mask: Array | None, batch: tuple[int, ...], lk: int
+    xp: ModuleType,
+    key_mask: Array | None,
+    batch: tuple[int, ...],
+    lk: int,
+    name: str = "key_mask",
 ) -> Array | None:
-    """Check ``key_mask`` and return it as ``(..., Lk, 1)`` ready for ``where``."""
+    """Check ``key_mask`` (or the mask ``name``) and return it as ``(..., L, 1)`` for ``where``."""
     if key_mask is None:
         return None
     if key_mask.dtype != xp.bool:
         raise TypeError(
-            f"key_mask must be a boolean array (True = attend), got dtype {key_mask.dtype}"
+            f"{name} must be a boolean array (True = a real token), got dtype {key_mask.dtype}"
         )
     target = (*batch, lk)
     try:
@@ -124,8 +140,10 @@ def _check_mask(
     except ValueError:
         ok = False
     if not ok:
+        length = "Lk" if name == "key_mask" else "Lq"
         raise ValueError(
-            f"key_mask must broadcast to batch + (Lk,) = {target}, got shape {tuple(key_mask.shape)}"
+            f"{name} must broadcast to batch + ({length},) = {target}, "
+            f"got shape {tuple(key_mask.shape)}"
         )
     return key_mask[..., None]
 
@@ -199,13 +217,18 @@ def _warn_small_normaliser(
 
 def _check_balance(
     xp: ModuleType,
-    balance: bool | Balance,
+    balance: bool | Balance | None,
+    features: FeatureMap,
     causal: bool,
     state: AttentionState | None,
     return_state: bool,
     q: Array,
     batch: tuple[int, ...],
 ) -> bool | Balance:
+    if balance is None:  # the default: on where it is exact and this call has the tokens
+        return isinstance(features, PositiveFeatures) and not (
+            causal or state is not None or return_state
+        )
     if balance is False:
         return False
     if balance is True:
@@ -217,7 +240,7 @@ def _check_balance(
             )
         return True
     if not isinstance(balance, Balance):
-        raise TypeError(f"balance must be a bool or a Balance, got {type(balance).__name__}")
+        raise TypeError(f"balance must be None, a bool or a Balance, got {type(balance).__name__}")
     namespace(balance=balance.alpha, shift=balance.shift, inputs=q)
     d = q.shape[-1]
     for name, arr, tail in (("alpha", balance.alpha, (1, 1)), ("shift", balance.shift, (1, d))):
@@ -417,7 +440,8 @@ def favor_attention(
     return_state: bool = False,
     projection: Array | None = None,
     check_finite: bool = True,
-    balance: bool | Balance = False,
+    balance: bool | Balance | None = None,
+    query_mask: Array | None = None,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -462,13 +486,20 @@ def favor_attention(
         (:class:`AccuracyWarning`) when trigonometric features give query rows a normaliser
         <= 0 (their output is 0). Lazy arrays are never read: there NaN propagates to the
         rows it touches.
-    balance : bool or Balance
+    balance : None, bool or Balance
         Exact variance reduction (:mod:`favorcore.balance`): balance queries against keys
         and shift all keys by one vector, which leaves exact attention unchanged and lowers
         the estimator's variance. ``True`` computes the statistics from this call's tokens
         (bidirectional calls without ``state``/``return_state`` only); a :class:`Balance`
         (from :func:`balance_statistics` on a calibration batch) is applied as given, also
-        in causal attention and across calls that share a state.
+        in causal attention and across calls that share a state. ``None`` (the default)
+        is ``True`` for the positive maps (:class:`PositiveFeatures` and its kin) in
+        bidirectional calls without a state, ``False`` otherwise.
+    query_mask : bool array, optional
+        True = a real query, broadcastable to ``q.shape[:-2] + (Lq,)``: padded queries are
+        left out of the statistics computed from the tokens (balance, FAVOR++'s ``A``).
+        Their output rows are computed as usual. In self-attention over padded batches
+        pass the same mask as ``key_mask``.
 
     Returns
     -------
@@ -513,6 +544,7 @@ def favor_attention(
     batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
     _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
     mask = _check_mask(xp, key_mask, batch, k.shape[-2])
+    _check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
     chunk = _check_chunk(chunk_size)
     root = math.sqrt(_check_scale(scale, q.shape[-1]))
     _check_projection(features, projection, q.shape[-1])
@@ -522,16 +554,22 @@ def favor_attention(
     if check_finite:
         _check_finite(xp, mask, q=q, k=k, v=v)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
-    stats = _check_balance(xp, balance, causal, state, return_state, q, batch)
-    if getattr(features, "data_dependent", False) and (causal or state is not None or return_state):
+    stats = _check_balance(xp, balance, features, causal, state, return_state, q, batch)
+    given = isinstance(stats, Balance) and stats.spread is not None
+    if features.data_dependent and not given and (causal or state is not None or return_state):
         raise ValueError(
             f"features: {type(features).__name__} computes statistics from each call's tokens, "
             "which in causal attention would use the future and across calls would change the "
-            "carried state; give it fixed parameters (e.g. a=...)"
+            "carried state; give it fixed parameters (e.g. a=...) or pass balance= statistics "
+            "with a spread (balance_statistics of a calibration batch)"
         )
     if stats is True:
-        stats = balance_statistics(q, k, key_mask=key_mask, scale=root * root)
+        stats = balance_statistics(
+            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root
+        )
+    spread = None
     if isinstance(stats, Balance):
+        spread = stats.spread
         if mask is not None:  # padding may hold NaN: keep it out of the products
             y = xp.where(mask, y, 0.0)
         x = x * (root * xp.astype(stats.alpha, dtype, copy=False))
@@ -544,17 +582,28 @@ def favor_attention(
         if projection is None
         else xp.astype(projection, dtype, copy=False)
     )
-    ops = lookup(xp, "tiled")
-    if ops is not None and type(features) is PositiveFeatures:  # the engine's own map only
-        # the adapter's fast path: block by block (see favorcore._tiled)
+    positive = isinstance(features, PositiveFeatures) and type(features) in _TILED_MAPS
+    a: float | Array = 0.0
+    if positive:  # FAVOR+ (A = 0) and FAVOR++: one exponent, A from the map or the data
+        a = features.coefficient(  # type: ignore[attr-defined]
+            x * root, y * root, key_mask=key_mask, query_mask=query_mask, spread=spread
+        )
+    ops = lookup(xp, "tiled") if positive and math.prod(batch) > 0 else None
+    if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
         out, kv, small = tiled_attention(
-            xp, ops, x, y, vc, w=w, root=root, features=features, causal=causal, mask=mask,
-            chunk=chunk, kv0=kv0, batch=batch,
+            xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask, chunk=chunk,
+            kv0=kv0, batch=batch,
         )  # fmt: skip
     else:
         if mask is not None:  # garbage in padding must not reach the features (or gradients)
             y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
-        qf, kf = features.apply(x * root, y * root, w, key_mask=key_mask, xp=xp)
+        qf, kf = (
+            _positive_pair(xp, x * root, y * root, _needs_projection(features, w), a)
+            if positive
+            else features.apply(
+                x * root, y * root, w, key_mask=key_mask, query_mask=query_mask, xp=xp
+            )
+        )
         out, kv, den = _linear_core(
             xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
         )

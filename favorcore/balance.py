@@ -35,18 +35,30 @@ class Balance(NamedTuple):
         Query scale ``a`` (keys are divided by it).
     shift : array, shape batch + (1, d)
         The key shift ``c``, in scaled units (``sqrt(scale) k / a - c``).
+    spread : array, shape batch + (1, 1), optional
+        ``E|x + y|^2`` over query-key pairs of the balanced, shifted rows (the sum of
+        their total variances). FAVOR++ takes its ``A`` from it
+        (:meth:`~favorcore.OptimalPositiveFeatures.coefficient`), so that statistics
+        given once also fix ``A`` in causal attention.
     """
 
     alpha: Array
     shift: Array
+    spread: Array | None = None
 
 
 def balance_statistics(
-    q: Array, k: Array, *, key_mask: Array | None = None, scale: float | None = None
+    q: Array,
+    k: Array,
+    *,
+    key_mask: Array | None = None,
+    query_mask: Array | None = None,
+    scale: float | None = None,
 ) -> Balance:
     """The balance and shift of ``q`` ``(..., Lq, d)`` and ``k`` ``(..., Lk, d)``.
 
-    Means and variances run over all queries and the valid keys (``key_mask``, True =
+    Means and variances run over the valid queries (``query_mask`` ``(..., Lq)``, True =
+    a real token; all when None) and the valid keys (``key_mask`` ``(..., Lk)``, True =
     attend). A degenerate side (zero variance) gets ``a = 1``.
 
     Examples
@@ -59,20 +71,21 @@ def balance_statistics(
     >>> bool(np.allclose(np.var(x, 0).sum(), np.var(y, 0).sum()))
     True
     """
-    xp = namespace(q=q, k=k, key_mask=key_mask)
+    xp = namespace(q=q, k=k, key_mask=key_mask, query_mask=query_mask)
     dtype = compute_dtype(xp, q.dtype)
     root = math.sqrt(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     x = xp.astype(q, dtype, copy=False) * root
     y = xp.astype(k, dtype, copy=False) * root
-    mean_x = row_mean(xp, x, None)
-    var_x = row_mean(xp, xp.sum((x - mean_x) ** 2, axis=-1, keepdims=True), None)
+    mean_x = row_mean(xp, x, query_mask)
+    var_x = row_mean(xp, xp.sum((x - mean_x) ** 2, axis=-1, keepdims=True), query_mask)
     mean_y = row_mean(xp, y, key_mask)
     var_y = row_mean(xp, xp.sum((y - mean_y) ** 2, axis=-1, keepdims=True), key_mask)
     tiny = float(xp.finfo(dtype).smallest_normal)
     ok = (var_x > tiny) & (var_y > tiny)
     alpha = xp.where(ok, (xp.where(ok, var_y, 1.0) / xp.where(ok, var_x, 1.0)) ** 0.25, 1.0)
     shift = alpha * mean_x + mean_y / alpha
-    return Balance(stop_gradient(xp, alpha), stop_gradient(xp, shift))
+    spread = alpha**2 * var_x + var_y / alpha**2
+    return Balance(*(stop_gradient(xp, a) for a in (alpha, shift, spread)))
 
 
 def apply_balance(

@@ -128,6 +128,11 @@ class FeatureMap:
         """True when features come in pairs drawn from one projection row (m must be even)."""
         return False
 
+    @property
+    def data_dependent(self) -> bool:
+        """True when the map computes statistics from each call's queries and keys."""
+        return False
+
     # -- the projection -------------------------------------------------------------------
 
     @property
@@ -194,17 +199,27 @@ class FeatureMap:
 
     # -- the maps -------------------------------------------------------------------------
 
-    def __call__(self, x: Array, y: Array, *, key_mask: Array | None = None) -> tuple[Array, Array]:
+    def __call__(
+        self,
+        x: Array,
+        y: Array,
+        *,
+        key_mask: Array | None = None,
+        query_mask: Array | None = None,
+    ) -> tuple[Array, Array]:
         """Stabilised features of queries ``x`` ``(..., Lq, d)`` and keys ``y`` ``(..., Lk, d)``.
 
         Returns ``(qf, kf)`` of shapes ``(..., Lq, m)`` and ``(..., Lk, m)`` in ``x``'s
         namespace, device and compute dtype. ``qf @ kf.T`` equals ``phi(x) @ phi(y).T`` up
         to a positive factor per query row, which cancels in attention. ``key_mask`` (True =
-        attend) keeps masked keys out of any statistic a map computes; the caller removes
-        masked rows themselves (:func:`favorcore.linear_attention` does).
+        attend) keeps masked keys out of any statistic a map computes, ``query_mask``
+        ``(..., Lq)`` (True = a real query) padded queries; the caller removes masked rows
+        themselves (:func:`favorcore.linear_attention` does).
         """
         xp = self._check_inputs(x=x, y=y)
-        return self.apply(x, y, self.projection_like(x), key_mask=key_mask, xp=xp)
+        return self.apply(
+            x, y, self.projection_like(x), key_mask=key_mask, query_mask=query_mask, xp=xp
+        )
 
     def _check_inputs(self, **arrays: Array) -> ModuleType:
         xp = namespace(**arrays)
@@ -231,6 +246,7 @@ class FeatureMap:
         w: Array | None,
         *,
         key_mask: Array | None = None,
+        query_mask: Array | None = None,
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised ``(qf, kf)`` given the projection ``w`` as an array of ``x``'s namespace.
@@ -342,12 +358,28 @@ class PositiveFeatures(FeatureMap):
         w: Array | None,
         *,
         key_mask: Array | None = None,
+        query_mask: Array | None = None,
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised positive features; see the module docstring for the stabilisers."""
         w = _needs_projection(self, w)
         xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        return _positive_pair(xp, x, y, w, 0.0)
+        a = self.coefficient(x, y, key_mask=key_mask, query_mask=query_mask)
+        return _positive_pair(xp, x, y, w, a)
+
+    def coefficient(
+        self,
+        x: Array,
+        y: Array,
+        *,
+        key_mask: Array | None = None,
+        query_mask: Array | None = None,
+        spread: Array | None = None,
+    ) -> float | Array:
+        """The exponent's ``A`` for scaled rows ``x``, ``y``: 0 for FAVOR+ (a float, or
+        a constant array ``batch + (1, 1)`` for data-dependent maps, which take it from
+        ``spread`` = ``mean_ij |x_i + y_j|^2`` when given, e.g. :attr:`Balance.spread`)."""
+        return 0.0
 
     def phi(self, x: Array) -> Array:
         """Unbiased features ``m^(-1/2) exp(W x - |x|^2/2)`` (may overflow for large norms)."""
@@ -400,42 +432,45 @@ class OptimalPositiveFeatures(PositiveFeatures):
         return self.a is None
 
     @staticmethod
-    def optimal_a(x: Array, y: Array, *, key_mask: Array | None = None) -> Array:
-        """``A*`` for scaled rows ``x`` and ``y``, shape ``batch + (1, 1)`` (a constant)."""
-        xp = namespace(x=x, y=y, key_mask=key_mask)
+    def optimal_a(
+        x: Array, y: Array, *, key_mask: Array | None = None, query_mask: Array | None = None
+    ) -> Array:
+        """``A*`` for scaled rows ``x`` and ``y``, shape ``batch + (1, 1)`` (a constant).
+
+        ``key_mask`` ``(..., Lk)`` and ``query_mask`` ``(..., Lq)`` (True = a real token)
+        leave padding out of the statistic.
+        """
+        xp = namespace(x=x, y=y, key_mask=key_mask, query_mask=query_mask)
         dtype = compute_dtype(xp, x.dtype)
         x, y = xp.astype(x, dtype, copy=False), xp.astype(y, dtype, copy=False)
-        sq_x = row_mean(xp, xp.sum(x * x, axis=-1, keepdims=True), None)
-        mean_x = row_mean(xp, x, None)
+        sq_x = row_mean(xp, xp.sum(x * x, axis=-1, keepdims=True), query_mask)
+        mean_x = row_mean(xp, x, query_mask)
         sq_y = row_mean(xp, xp.sum(y * y, axis=-1, keepdims=True), key_mask)
         mean_y = row_mean(xp, y, key_mask)
         rho = (sq_x + sq_y + 2 * xp.sum(mean_x * mean_y, axis=-1, keepdims=True)) / x.shape[-1]
-        rho = xp.where(rho > 0, rho, 0.0)
-        a = (1 - 2 * rho - xp.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
-        return stop_gradient(xp, a)
+        return stop_gradient(xp, _a_star(xp, rho))
 
-    def _a(self, xp: ModuleType, x: Array, y: Array, key_mask: Array | None) -> Any:
+    def coefficient(
+        self,
+        x: Array,
+        y: Array,
+        *,
+        key_mask: Array | None = None,
+        query_mask: Array | None = None,
+        spread: Array | None = None,
+    ) -> float | Array:
+        """The fixed ``a``; else ``A*`` of ``spread`` (``mean_ij |x_i + y_j|^2``, as
+        :attr:`Balance.spread`) when given, or :meth:`optimal_a` of these rows."""
         if self.a is not None:
             return self.a
+        if spread is not None:
+            xp = namespace(spread=spread)
+            return stop_gradient(xp, _a_star(xp, spread / x.shape[-1]))
         if x.shape[-2] == 0 or y.shape[-2] == 0:
             raise ValueError(
                 "a data-dependent OptimalPositiveFeatures needs queries and keys in one call"
             )
-        return self.optimal_a(x, y, key_mask=key_mask)
-
-    def apply(
-        self,
-        x: Array,
-        y: Array,
-        w: Array | None,
-        *,
-        key_mask: Array | None = None,
-        xp: ModuleType | None = None,
-    ) -> tuple[Array, Array]:
-        """Stabilised FAVOR++ features (the stabilisers of :class:`PositiveFeatures`)."""
-        w = _needs_projection(self, w)
-        xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        return _positive_pair(xp, x, y, w, self._a(xp, x, y, key_mask))
+        return self.optimal_a(x, y, key_mask=key_mask, query_mask=query_mask)
 
     def phi(self, x: Array) -> Array:
         """Unbiased features for a fixed ``a`` (a data-dependent map has no single phi)."""
@@ -447,6 +482,12 @@ class OptimalPositiveFeatures(PositiveFeatures):
         px = _project(xp, x, w) * b
         log_c = x.shape[-1] / 4 * math.log(1 - 4 * self.a) - 0.5 * math.log(w.shape[0])
         return xp.exp(px + self.a * xp.sum(w * w, axis=-1) - _half_sq_norm(xp, x, px.dtype) + log_c)
+
+
+def _a_star(xp: ModuleType, rho: Array) -> Array:
+    """FAVOR++'s variance-minimising ``A*(rho)`` (arXiv 2205.15317, ``rho`` clipped at 0)."""
+    rho = xp.where(rho > 0, rho, 0.0)
+    return (1 - 2 * rho - xp.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
 
 
 def hyperbolic_features(m: int = 256, **kwargs: Any) -> PositiveFeatures:
@@ -490,6 +531,7 @@ class TrigonometricFeatures(FeatureMap):
         w: Array | None,
         *,
         key_mask: Array | None = None,
+        query_mask: Array | None = None,
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped.
@@ -598,6 +640,7 @@ class GeneralizedFeatures(FeatureMap):
         w: Array | None,
         *,
         key_mask: Array | None = None,
+        query_mask: Array | None = None,
         xp: ModuleType | None = None,
     ) -> tuple[Array, Array]:
         """``f(W x) + epsilon`` for queries and keys alike (no stabiliser)."""

@@ -97,6 +97,7 @@ def test_favor_attention_is_linear_attention_of_its_features(
     out = fc.favor_attention(
         backend.asarray(q, dt), backend.asarray(k, dt), backend.asarray(v, dt),
         features=fmap, causal=causal, key_mask=backend.asarray(mask), scale=scale, chunk_size=6,
+        balance=False,
     )  # fmt: skip
     got = check_array(backend, out, shape=(2, 20, 8), dtype=dt)
     # the same features, computed by the library on the same (scaled) inputs, in float64
@@ -407,6 +408,7 @@ def test_bidirectional_state_stands_for_keys_given_elsewhere(
 ) -> None:
     # Keys split into pieces (as on the workers of a distributed computation): the sums of
     # each piece, added, and then applied to the queries, equal one call over all keys.
+    # The call over all keys balances them by default; the pieces get its statistics.
     q, k, v = (
         rng.standard_normal((2, 7, 8)) / 2,
         rng.standard_normal((2, 30, 8)) / 2,
@@ -416,14 +418,17 @@ def test_bidirectional_state_stands_for_keys_given_elsewhere(
     fmap = fc.PositiveFeatures(m=16, seed=4)
     a = backend.asarray
     one = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, key_mask=a(mask)))
+    stats = fc.balance_statistics(a(q), a(k), key_mask=a(mask))
     state = None
     for s in (slice(0, 11), slice(11, 12), slice(12, 30)):
         _, state = fc.favor_attention(
             a(q[:, :0]), a(k[:, s]), a(v[:, s]), features=fmap, key_mask=a(mask[:, s]),
-            state=state, return_state=True,
+            state=state, return_state=True, balance=stats,
         )  # fmt: skip
     none = a(np.zeros((2, 0, 8)))
-    got = fc.favor_attention(a(q), none, a(np.zeros((2, 0, 5))), features=fmap, state=state)
+    got = fc.favor_attention(
+        a(q), none, a(np.zeros((2, 0, 5))), features=fmap, state=state, balance=stats
+    )
     np.testing.assert_allclose(
         to_numpy(got), one, rtol=0, atol=bound(ref_u64(), 30, 16, np.abs(v).max())
     )

@@ -56,7 +56,9 @@ def test_balanced_favor_is_favor_of_the_transformed_rows(
     fmap = fc.hyperbolic_features(32, seed=0)
     got = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, key_mask=km, balance=True))
     x, y = fc.apply_balance(a(q), a(k), fc.balance_statistics(a(q), a(k), key_mask=km))
-    want = to_numpy(fc.favor_attention(x, y, a(v), features=fmap, key_mask=km, scale=1.0))
+    want = to_numpy(
+        fc.favor_attention(x, y, a(v), features=fmap, key_mask=km, scale=1.0, balance=False)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
 
 
@@ -125,7 +127,7 @@ def test_bad_balance_arguments_raise(backend: Backend, rng: np.random.Generator)
     bad = fc.Balance(a(np.ones((2, 1, 1))), a(np.zeros((2, 1, 5))))
     with pytest.raises(ValueError, match=r"balance.shift must have shape batch \+ \(1, 16\)"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, balance=bad)
-    with pytest.raises(TypeError, match="balance must be a bool or a Balance"):
+    with pytest.raises(TypeError, match="balance must be None, a bool or a Balance"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, balance="auto")
 
 
@@ -143,3 +145,131 @@ def test_gradients_treat_the_statistics_as_constants() -> None:
             q, k, v, features=fmap, causal=c, balance=stats
         )
         assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_default_is_balanced_for_positive_maps_in_bidirectional_calls_only(
+    backend: Backend, rng: np.random.Generator
+) -> None:
+    q, k, v = _offset_inputs(rng, lq=30, lk=30)
+    a = backend.asarray
+
+    def call(fmap: fc.FeatureMap, causal: bool, balance: bool | None) -> np.ndarray:
+        return to_numpy(
+            fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal, balance=balance)
+        )
+
+    for fmap in (fc.PositiveFeatures(m=16, seed=0), fc.OptimalPositiveFeatures(m=16, seed=0)):
+        np.testing.assert_array_equal(call(fmap, False, None), call(fmap, False, True))
+        assert not np.allclose(call(fmap, False, None), call(fmap, False, False))
+    plus = fc.PositiveFeatures(m=16, seed=0)
+    np.testing.assert_array_equal(call(plus, True, None), call(plus, True, False))
+    relu = fc.GeneralizedFeatures(kernel="relu", m=16, seed=0)
+    np.testing.assert_array_equal(call(relu, False, None), call(relu, False, False))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_spread_gives_favorpp_the_a_of_the_balanced_rows(
+    backend: Backend, rng: np.random.Generator, masked: bool
+) -> None:
+    # mean_ij |x_i + y_j|^2 of the balanced, shifted rows is the sum of their total
+    # variances: A* from the spread equals A* recomputed from the rows themselves.
+    q, k, _ = _offset_inputs(rng)
+    a = backend.asarray
+    km = a(rng.random((2, 50)) < 0.6) if masked else None
+    qm = a(rng.random((2, 40)) < 0.8) if masked else None
+    stats = fc.balance_statistics(a(q), a(k), key_mask=km, query_mask=qm)
+    x, y = fc.apply_balance(a(q), a(k), stats)
+    fmap = fc.OptimalPositiveFeatures(m=16, seed=0)
+    want = fc.OptimalPositiveFeatures.optimal_a(x, y, key_mask=km, query_mask=qm)
+    got = fmap.coefficient(x, y, spread=stats.spread)
+    np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fmap", [fc.PositiveFeatures(m=32, seed=2), fc.OptimalPositiveFeatures(m=32, seed=2)]
+)
+def test_padding_changes_nothing_with_query_and_key_masks(
+    backend: Backend, rng: np.random.Generator, fmap: fc.FeatureMap
+) -> None:
+    # Self-attention over a padded batch: with query_mask = key_mask the statistics (the
+    # balance, FAVOR++'s A) come from the real tokens only, so each sequence's output
+    # equals a call on that sequence alone, whatever the padding holds (NaN here).
+    q, k, v = _offset_inputs(rng, lq=30, lk=30)
+    lengths = (30, 19)
+    mask = np.arange(30)[None, :] < np.array(lengths)[:, None]
+    dirty = [t.copy() for t in (q, k, v)]
+    for t in dirty:
+        t[1, 19:] = np.nan
+    a = backend.asarray
+    out = to_numpy(
+        fc.favor_attention(
+            *(a(t) for t in dirty),
+            features=fmap,
+            key_mask=a(mask),
+            query_mask=a(mask),
+            check_finite=False,
+        )  # fmt: skip
+    )
+    for row, n in enumerate(lengths):
+        alone = fc.favor_attention(
+            a(q[row : row + 1, :n]), a(k[row : row + 1, :n]), a(v[row : row + 1, :n]),
+            features=fmap,
+        )  # fmt: skip
+        np.testing.assert_allclose(out[row, :n], to_numpy(alone)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_causal_favorpp_takes_a_from_given_statistics(
+    backend: Backend, rng: np.random.Generator
+) -> None:
+    # A data-dependent FAVOR++ in causal attention: statistics of a calibration batch fix
+    # the balance and A along the whole sequence; prefixes and carried states stay exact.
+    q, k, v = _offset_inputs(rng, lq=30, lk=30)
+    a = backend.asarray
+    fmap = fc.OptimalPositiveFeatures(m=32, seed=1)
+    calib = fc.balance_statistics(a(q[:, :10]), a(k[:, :10]))
+    full = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=True, balance=calib))
+    k2 = k.copy()
+    k2[:, 20:] = 50.0
+    changed = fc.favor_attention(a(q), a(k2), a(v), features=fmap, causal=True, balance=calib)
+    np.testing.assert_allclose(to_numpy(changed)[:, :20], full[:, :20], rtol=1e-11, atol=1e-13)
+    one, state = fc.favor_attention(
+        a(q[:, :11]), a(k[:, :11]), a(v[:, :11]), features=fmap, causal=True, balance=calib,
+        return_state=True,
+    )  # fmt: skip
+    two = fc.favor_attention(
+        a(q[:, 11:]), a(k[:, 11:]), a(v[:, 11:]), features=fmap, causal=True, balance=calib,
+        state=state,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        np.concatenate([to_numpy(one), to_numpy(two)], axis=1), full, rtol=1e-10, atol=1e-12
+    )
+    # the same as FAVOR++ with that A fixed, per batch row
+    x, y = fc.apply_balance(a(q), a(k), calib)
+    spread = to_numpy(calib.spread)[:, 0, 0]
+    for row in range(2):
+        a_row = float(to_numpy(fmap.coefficient(x, y, spread=calib.spread))[row, 0, 0])
+        assert a_row < 0 < spread[row]
+        fixed = fc.OptimalPositiveFeatures(m=32, seed=1, a=a_row)
+        want = fc.favor_attention(
+            x[row, ...],
+            y[row, ...],
+            a(v[row]),
+            features=fixed,
+            causal=True,
+            scale=1.0,
+            balance=False,
+        )
+        np.testing.assert_allclose(full[row], to_numpy(want), rtol=1e-10, atol=1e-12)
+    without_spread = fc.Balance(calib.alpha, calib.shift)
+    with pytest.raises(ValueError, match="computes statistics from each call's tokens"):
+        fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=True, balance=without_spread)
+
+
+def test_bad_query_mask_raises(backend: Backend, rng: np.random.Generator) -> None:
+    q, k, v = _offset_inputs(rng)
+    a = backend.asarray
+    fmap = fc.PositiveFeatures(m=8, seed=0)
+    with pytest.raises(ValueError, match=r"query_mask must broadcast to batch \+ \(Lq,\)"):
+        fc.favor_attention(a(q), a(k), a(v), features=fmap, query_mask=a(np.ones((2, 50), bool)))
+    with pytest.raises(TypeError, match="query_mask must be a boolean array"):
+        fc.favor_attention(a(q), a(k), a(v), features=fmap, query_mask=a(np.ones((2, 40))))

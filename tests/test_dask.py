@@ -89,3 +89,22 @@ def test_bad_inputs_raise() -> None:
         )
     with pytest.raises(ValueError, match="key_mask must be a dask array"):
         fdask.favor_attention(*lazy, features=FMAP, key_mask=da.ones((2, 3, 5), dtype=bool))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favorpp_and_given_statistics_blockwise(client, causal: bool) -> None:
+    # FAVOR++ with A from the data: bidirectional blocks share the statistics of the
+    # whole sequence (computed first); causal blocks use statistics given by the caller.
+    q, k, v, mask = _inputs()
+    fmap = fc.OptimalPositiveFeatures(m=32, seed=0)
+    lazy = [da.from_array(a, chunks=(2, 3, 150, a.shape[-1])) for a in (q, k, v)]
+    dmask = da.from_array(mask, chunks=(2, 3, 150))
+    balance = fc.balance_statistics(q[..., :100, :], k[..., :100, :]) if causal else None
+    out = fdask.favor_attention(
+        *lazy, features=fmap, causal=causal, key_mask=dmask, balance=balance
+    )
+    want = fc.favor_attention(q, k, v, features=fmap, causal=causal, key_mask=mask, balance=balance)
+    np.testing.assert_allclose(client.compute(out).result(), want, rtol=0, atol=1e-12)
+    if causal:
+        with pytest.raises(ValueError, match="balance it"):
+            fdask.favor_attention(*lazy, features=fmap, causal=True)

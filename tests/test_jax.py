@@ -101,13 +101,22 @@ def test_grad_matches_finite_differences(causal: bool, masked: bool) -> None:
         else None
     )
 
+    # bidirectional calls balance by default with statistics held constant for autograd:
+    # their gradient is that of the call with those statistics given (checked below)
+    stats = None if causal else fc.balance_statistics(q, k, key_mask=mask)
+
     def f(q, k, v):  # check_grads' numerical side passes NumPy arrays
         q, k, v = (jnp.asarray(a) for a in (q, k, v))
         return fc.favor_attention(
-            q, k, v, features=FMAP, causal=causal, key_mask=mask, chunk_size=4
+            q, k, v, features=FMAP, causal=causal, key_mask=mask, chunk_size=4, balance=stats
         )
 
     check_grads(f, (q, k, v), order=1, modes=["rev", "fwd"], eps=1e-6, atol=1e-6, rtol=1e-6)
+    if not causal:
+        default = jax.grad(
+            lambda q: fc.favor_attention(q, k, v, features=FMAP, key_mask=mask).sum()
+        )(q)
+        np.testing.assert_allclose(default, jax.grad(lambda q: f(q, k, v).sum())(q), rtol=1e-12)
 
 
 def test_redraw_inside_a_jitted_step() -> None:

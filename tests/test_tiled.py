@@ -23,7 +23,7 @@ class SmallOps(TiledOps):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("block", "workers"), [(7, 1), (5, 4), (64, 3)])
-@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("kind", ["favor+", "hyperbolic", "favor++"])
 def test_engine_equals_core_path(
     backend: Backend,
     rng: np.random.Generator,
@@ -31,7 +31,7 @@ def test_engine_equals_core_path(
     masked: bool,
     block: int,
     workers: int,
-    antithetic: bool,
+    kind: str,
 ) -> None:
     xp = backend.xp
     lq = 23
@@ -40,37 +40,55 @@ def test_engine_equals_core_path(
     v = rng.standard_normal((2, 3, lk, 5))
     mask = rng.random((2, 1, lk)) < 0.7 if masked else None
     kv0 = rng.random((2, 3, 16, 6)) if causal else None
-    fmap = fc.PositiveFeatures(m=16, seed=3, antithetic=antithetic)
+    fmap: fc.PositiveFeatures = {
+        "favor+": fc.PositiveFeatures(m=16, seed=3),
+        "hyperbolic": fc.hyperbolic_features(16, seed=3),
+        # bidirectional: A per batch row and head from the data; causal needs a fixed A
+        "favor++": fc.OptimalPositiveFeatures(m=16, seed=3, a=-0.3 if causal else None),
+    }[kind]
+    carry = not fmap.data_dependent  # a data-dependent A cannot carry a state
     a = backend.asarray
+    key_mask = None if mask is None else a(mask)
     with fc.fast_paths(False):
-        want, want_state = fc.favor_attention(
-            a(q), a(k), a(v), features=fmap, causal=causal, key_mask=None if mask is None else a(mask),
-            chunk_size=4, return_state=True, state=None if kv0 is None else fc.AttentionState(a(kv0)), scale=0.3,
+        want = fc.favor_attention(
+            a(q), a(k), a(v), features=fmap, causal=causal, key_mask=key_mask, chunk_size=4,
+            return_state=carry, state=None if kv0 is None else fc.AttentionState(a(kv0)), scale=0.3,
+            balance=False,
         )  # fmt: skip
     x, y, vv = a(q), a(k), a(v)
+    root = math.sqrt(0.3)
+    coef = fmap.coefficient(x * root, y * root, key_mask=key_mask)
     dtype = compute_dtype(xp, x.dtype)
     out, kv, _ = tiled_attention(
-        xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=math.sqrt(0.3), features=fmap,
-        causal=causal, mask=None if mask is None else a(mask)[..., None], chunk=4,
+        xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=root, a=coef,
+        causal=causal, mask=None if mask is None else key_mask[..., None], chunk=4,
         kv0=None if kv0 is None else a(kv0), batch=(2, 3),
     )  # fmt: skip
     assert out.dtype == dtype
+    if carry:
+        want, want_state = want
+        # the state is the same sum of the same stabilised key features
+        np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(to_numpy(out), to_numpy(want), rtol=1e-11, atol=1e-12)
-    # the state is the same sum of the same stabilised key features
-    np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["favor+", "favor++"])
 def test_registered_fast_path_equals_core_path(
-    backend: Backend, rng: np.random.Generator, causal: bool, dtype: str
+    backend: Backend, rng: np.random.Generator, causal: bool, dtype: str, kind: str
 ) -> None:
     # A plain favor_attention call reaches the adapter's fast path where one is registered
-    # (NumPy, PyTorch); it must agree with the plain core to rounding.
+    # (NumPy, PyTorch); it must agree with the plain core to rounding. Bidirectional
+    # calls balance by default; FAVOR++ takes A from the data (a fixed A when causal).
     dt = getattr(backend.xp, dtype)
     q, k, v = (rng.standard_normal((2, 4, 700, 16)).astype(dtype) / 2 for _ in range(3))
     mask = rng.random((2, 1, 700)) < 0.9
-    fmap = fc.PositiveFeatures(m=32, seed=0)
+    fmap = (
+        fc.PositiveFeatures(m=32, seed=0)
+        if kind == "favor+"
+        else fc.OptimalPositiveFeatures(m=32, seed=0, a=-0.2 if causal else None)
+    )
     a = lambda x: backend.asarray(x, dt if x.dtype != bool else None)
     fast = to_numpy(
         fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal, key_mask=a(mask))

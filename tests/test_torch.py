@@ -123,15 +123,25 @@ def test_gradcheck_float64(causal: bool, masked: bool, segment: int | None) -> N
     if mask is not None:
         mask[:, 0] = True
     fmap = fc.hyperbolic_features(8, seed=1)
+    # bidirectional calls balance by default with statistics held constant for autograd:
+    # their gradient is that of the call with those statistics given (checked below)
+    stats = fc.balance_statistics(q, k, key_mask=mask)
 
     def f(q, k, v):
         if causal:
             return ftorch.causal_favor_attention(
                 q, k, v, features=fmap, key_mask=mask, chunk_size=2, segment=segment
             )
-        return fc.favor_attention(q, k, v, features=fmap, key_mask=mask)
+        return fc.favor_attention(q, k, v, features=fmap, key_mask=mask, balance=stats)
 
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+    if not causal:
+        default = torch.autograd.grad(
+            fc.favor_attention(q, k, v, features=fmap, key_mask=mask).sum(), (q, k, v)
+        )
+        given = torch.autograd.grad(f(q, k, v).sum(), (q, k, v))
+        for a, b in zip(default, given, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_segmented_backward_equals_plain_and_saves_less() -> None:

@@ -26,15 +26,21 @@ import dask.array as da
 from dask.delayed import Delayed, delayed
 
 import favorcore
-from favorcore import AttentionState, FeatureMap
+from favorcore import AttentionState, Balance, FeatureMap, PositiveFeatures
 
 __all__ = ["favor_attention"]
 
 
-def _block_sums(k: Any, v: Any, mask: Any, **kw: Any) -> Any:
+def _stats(stats: Any) -> Balance | bool:
+    return False if stats is None else Balance(*stats)
+
+
+def _block_sums(k: Any, v: Any, mask: Any, stats: Any, **kw: Any) -> Any:
     """The block's key sums: a bidirectional call with no queries."""
     none = k[..., :0, :]
-    _, state = favorcore.favor_attention(none, k, v, key_mask=mask, return_state=True, **kw)
+    _, state = favorcore.favor_attention(
+        none, k, v, key_mask=mask, return_state=True, balance=_stats(stats), **kw
+    )
     return state.kv
 
 
@@ -42,23 +48,26 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _answer(q: Any, total: Any, **kw: Any) -> Any:
+def _answer(q: Any, total: Any, stats: Any, **kw: Any) -> Any:
     """The queries of one block, attending to every key through their sums."""
     xp = array_api_compat.array_namespace(q)
     no_keys = q[..., :0, :]
     no_values = xp.zeros(
         (*q.shape[:-2], 0, total.shape[-1] - 1), dtype=q.dtype, device=array_api_compat.device(q)
     )
-    return favorcore.favor_attention(q, no_keys, no_values, state=AttentionState(total), **kw)
+    return favorcore.favor_attention(
+        q, no_keys, no_values, state=AttentionState(total), balance=_stats(stats), **kw
+    )
 
 
 def _causal_block(
-    q: Any, k: Any, v: Any, mask: Any, prefix: Any, chunk_size: Any, **kw: Any
+    q: Any, k: Any, v: Any, mask: Any, prefix: Any, chunk_size: Any, stats: Any, **kw: Any
 ) -> Any:
     state = None if prefix is None else AttentionState(prefix)
     return favorcore.favor_attention(
-        q, k, v, key_mask=mask, causal=True, state=state, chunk_size=chunk_size, **kw
-    )
+        q, k, v, key_mask=mask, causal=True, state=state, chunk_size=chunk_size,
+        balance=_stats(stats), **kw,
+    )  # fmt: skip
 
 
 def _blocks(x: da.Array) -> list[Delayed]:
@@ -84,6 +93,7 @@ def favor_attention(
     key_mask: da.Array | None = None,
     scale: float | None = None,
     chunk_size: int | None = None,
+    balance: bool | Balance | None = None,
 ) -> da.Array:
     """FAVOR attention on Dask arrays chunked along the sequence, block by block.
 
@@ -96,6 +106,11 @@ def favor_attention(
         As in :func:`favorcore.favor_attention`.
     key_mask : dask.array.Array, optional
         True = attend, shape ``batch + (Lk,)`` (chunked along its last axis as ``k``).
+    balance : None, bool or Balance
+        As in :func:`favorcore.favor_attention` (by default on for the positive maps in
+        bidirectional attention): the statistics of the whole sequence are computed
+        first (a reduction over the blocks, O(L d)) and every block applies them.
+        A data-dependent FAVOR++ takes its ``A`` from these statistics.
 
     Returns
     -------
@@ -126,6 +141,29 @@ def favor_attention(
         raise ValueError(
             f"key_mask must be a dask array of shape batch + (Lk,) = (..., {k.shape[-2]})"
         )
+    if balance is None:
+        balance = isinstance(features, PositiveFeatures) and not causal
+    stats: Any = None  # the statistics as a list of delayed arrays (None: no balance)
+    if balance is True:
+        if causal:
+            raise ValueError(
+                "balance=True computes its statistics from the tokens, which in causal "
+                "attention would use the future; pass Balance statistics"
+            )
+        balance = favorcore.balance_statistics(q, k, key_mask=key_mask, scale=scale)
+    if features.data_dependent and not (
+        isinstance(balance, Balance) and balance.spread is not None
+    ):
+        raise ValueError(
+            f"features: {type(features).__name__} computes statistics from each call's tokens, "
+            "but every block is its own call here; balance it (its statistics fix A) or give "
+            "it fixed parameters (e.g. a=...)"
+        )
+    if isinstance(balance, Balance):
+        stats = [
+            None if s is None else da.asarray(s).rechunk(-1).to_delayed().reshape(-1)[0]
+            for s in balance
+        ]
     kw = {"features": features, "scale": scale}
     dv = v.shape[-1]
     qb, kb, vb = _blocks(q), _blocks(k), _blocks(v)
@@ -145,23 +183,23 @@ def favor_attention(
                 "causal attention needs q, k and v of one length, chunked alike along L"
             )
         sums = [
-            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
+            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm, stats)
             for kk, vv, mm in zip(kb, vb, mb, strict=True)
         ]
         prefixes: list[Any] = [None]
         for s in sums[:-1]:
             prefixes.append(s if prefixes[-1] is None else delayed(_add)(prefixes[-1], s))
         outs = [
-            delayed(functools.partial(_causal_block, **kw))(qq, kk, vv, mm, pp, chunk_size)
+            delayed(functools.partial(_causal_block, **kw))(qq, kk, vv, mm, pp, chunk_size, stats)
             for qq, kk, vv, mm, pp in zip(qb, kb, vb, mb, prefixes, strict=True)
         ]
     else:
         sums = [
-            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm)
+            delayed(functools.partial(_block_sums, **kw))(kk, vv, mm, stats)
             for kk, vv, mm in zip(kb, vb, mb, strict=True)
         ]
         total = _tree_sum(sums)
-        outs = [delayed(functools.partial(_answer, **kw))(qq, total) for qq in qb]
+        outs = [delayed(functools.partial(_answer, **kw))(qq, total, stats) for qq in qb]
     arrays = [
         da.from_delayed(o, shape=(*batch, n, dv), dtype=q.dtype, meta=q._meta)
         for o, n in zip(outs, q.chunks[-2], strict=True)

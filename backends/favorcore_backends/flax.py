@@ -85,7 +85,7 @@ class FavorSelfAttention(nn.Module):
             )
         mask = None if key_mask is None else key_mask[..., None, :]
         out: jax.Array = favorcore.favor_attention(  # type: ignore[assignment]
-            q, k, v, features=self.features, causal=self.causal, key_mask=mask,
+            q, k, v, features=self.features, causal=self.causal, key_mask=mask, query_mask=mask,
             chunk_size=self.chunk_size, projection=proj.value,
         )  # fmt: skip
         out = jnp.swapaxes(out, -2, -3)

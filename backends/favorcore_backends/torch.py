@@ -405,6 +405,7 @@ class FavorAttention(nn.Module):
             raise ValueError(
                 "nested tensors are not supported; pass padded tensors and key_padding_mask"
             )
+        self_attention = query is key  # padded queries are then the padded keys
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query[:, None], key[:, None], value[:, None]
@@ -442,7 +443,7 @@ class FavorAttention(nn.Module):
             if causal:
                 out = causal_favor_attention(q, k, v, segment=self.segment, **kwargs)
             else:
-                out = _favor(q, k, v, **kwargs)
+                out = _favor(q, k, v, query_mask=key_mask if self_attention else None, **kwargs)
         out = self.out_proj(out.transpose(1, 2).flatten(-2))
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
