@@ -20,7 +20,7 @@ from .attention import (
     linear_attention,
     softmax_attention,
 )
-from .balance import Balance, apply_balance, balance_statistics
+from .balance import BALANCE_KINDS, Balance, BalanceKind, apply_balance, balance_statistics
 from .diagnostics import ErrorEstimate, estimate_error
 from .features import (
     AccuracyWarning,
@@ -36,10 +36,12 @@ from .projection import draw_projection, projection
 __version__ = "0.1.0"
 
 __all__ = [
+    "BALANCE_KINDS",
     "DEFAULT_CHUNK_SIZE",
     "AccuracyWarning",
     "AttentionState",
     "Balance",
+    "BalanceKind",
     "ErrorEstimate",
     "FeatureMap",
     "GeneralizedFeatures",

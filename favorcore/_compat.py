@@ -23,6 +23,7 @@ __all__ = [
     "Array",
     "compute_dtype",
     "device",
+    "eigh",
     "from_host",
     "is_eager",
     "is_floating",
@@ -138,3 +139,24 @@ def row_mean(xp: ModuleType, a: Array, keep: Array | None) -> Array:
 def from_host(xp: ModuleType, host: np.ndarray, *, dtype: Any, device: Any) -> Array:
     """Copy a host NumPy array into namespace ``xp`` with the given dtype and device."""
     return xp.asarray(host, dtype=dtype, device=device)
+
+
+def eigh(xp: ModuleType, a: Array) -> tuple[Array, Array]:
+    """Eigenvalues (ascending) and eigenvectors of symmetric matrices ``a`` ``(..., n, n)``.
+
+    The standard's ``linalg`` extension; Dask, which lacks it, runs NumPy's on each
+    (small) matrix lazily.
+    """
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "eigh"):
+        w, v = linalg.eigh(a)
+        return w, v
+    if array_api_compat.is_dask_array(a):
+        import dask.array as da
+
+        square = a.rechunk({a.ndim - 2: -1, a.ndim - 1: -1})  # type: ignore[no-untyped-call]
+        w, v = da.apply_gufunc(np.linalg.eigh, "(i,j)->(i),(i,j)", square)  # type: ignore[no-untyped-call]
+        return w, v
+    raise TypeError(
+        f"{xp.__name__} has no linalg.eigh, which the balance needs"
+    )  # pragma: no cover

@@ -28,7 +28,7 @@ from ._compat import Array, compute_dtype, device, is_eager, is_floating, namesp
 from ._linear import causal_sums, normalise
 from ._registry import lookup
 from ._tiled import tiled_attention
-from .balance import Balance, balance_statistics
+from .balance import BALANCE_KINDS, Balance, BalanceKind, apply_balance, balance_statistics
 from .features import (
     AccuracyWarning,
     FeatureMap,
@@ -217,33 +217,44 @@ def _warn_small_normaliser(
 
 def _check_balance(
     xp: ModuleType,
-    balance: bool | Balance | None,
+    balance: bool | str | Balance | None,
     features: FeatureMap,
     causal: bool,
     state: AttentionState | None,
     return_state: bool,
     q: Array,
     batch: tuple[int, ...],
-) -> bool | Balance:
+) -> BalanceKind | Balance | None:
+    """The balance to apply: a kind to compute from this call's tokens, given statistics,
+    or None."""
     if balance is None:  # the default: on where it is exact and this call has the tokens
-        return isinstance(features, PositiveFeatures) and not (
+        on = isinstance(features, PositiveFeatures) and not (
             causal or state is not None or return_state
         )
+        return "matrix" if on else None
     if balance is False:
-        return False
-    if balance is True:
+        return None
+    if balance is True or balance in BALANCE_KINDS:
         if causal or state is not None or return_state:
             raise ValueError(
-                "balance=True computes its statistics from this call's tokens, which in causal "
-                "attention would use the future and across calls would change the carried "
-                "state; pass Balance statistics (balance_statistics on a calibration batch)"
+                f"balance={balance!r} computes its statistics from this call's tokens, which in "
+                "causal attention would use the future and across calls would change the "
+                "carried state; pass Balance statistics (balance_statistics on a calibration "
+                "batch)"
             )
-        return True
+        return "matrix" if balance is True else balance
     if not isinstance(balance, Balance):
-        raise TypeError(f"balance must be None, a bool or a Balance, got {type(balance).__name__}")
-    namespace(balance=balance.alpha, shift=balance.shift, inputs=q)
+        raise TypeError(
+            f"balance must be None, a bool, one of {BALANCE_KINDS} or a Balance, got {balance!r}"
+        )
+    namespace(query=balance.query, key=balance.key, shift=balance.shift, spread=balance.spread,
+              inputs=q)  # fmt: skip
     d = q.shape[-1]
-    for name, arr, tail in (("alpha", balance.alpha, (1, 1)), ("shift", balance.shift, (1, d))):
+    parts = [("query", balance.query, (d, d)), ("key", balance.key, (d, d)),
+             ("shift", balance.shift, (1, d)), ("spread", balance.spread, (1, 1))]  # fmt: skip
+    for name, arr, tail in parts:
+        if arr is None:
+            continue
         try:
             ok = (
                 tuple(arr.shape[-2:]) == tail
@@ -440,7 +451,7 @@ def favor_attention(
     return_state: bool = False,
     projection: Array | None = None,
     check_finite: bool = True,
-    balance: bool | Balance | None = None,
+    balance: bool | BalanceKind | Balance | None = None,
     query_mask: Array | None = None,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
@@ -486,14 +497,15 @@ def favor_attention(
         (:class:`AccuracyWarning`) when trigonometric features give query rows a normaliser
         <= 0 (their output is 0). Lazy arrays are never read: there NaN propagates to the
         rows it touches.
-    balance : None, bool or Balance
+    balance : None, bool, {"matrix", "scalar"} or Balance
         Exact variance reduction (:mod:`favorcore.balance`): balance queries against keys
         and shift all keys by one vector, which leaves exact attention unchanged and lowers
-        the estimator's variance. ``True`` computes the statistics from this call's tokens
-        (bidirectional calls without ``state``/``return_state`` only); a :class:`Balance`
-        (from :func:`balance_statistics` on a calibration batch) is applied as given, also
-        in causal attention and across calls that share a state. ``None`` (the default)
-        is ``True`` for the positive maps (:class:`PositiveFeatures` and its kin) in
+        the estimator's variance. ``True`` (``"matrix"``) or ``"scalar"`` computes the
+        statistics from this call's tokens (bidirectional calls without
+        ``state``/``return_state`` only); a :class:`Balance` (from
+        :func:`balance_statistics` on a calibration batch) is applied as given, also in
+        causal attention and across calls that share a state. ``None`` (the default) is
+        ``"matrix"`` for the positive maps (:class:`PositiveFeatures` and its kin) in
         bidirectional calls without a state, ``False`` otherwise.
     query_mask : bool array, optional
         True = a real query, broadcastable to ``q.shape[:-2] + (Lq,)``: padded queries are
@@ -563,19 +575,16 @@ def favor_attention(
             "carried state; give it fixed parameters (e.g. a=...) or pass balance= statistics "
             "with a spread (balance_statistics of a calibration batch)"
         )
-    if stats is True:
+    if isinstance(stats, str):
         stats = balance_statistics(
-            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root
+            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
         )
     spread = None
     if isinstance(stats, Balance):
         spread = stats.spread
         if mask is not None:  # padding may hold NaN: keep it out of the products
             y = xp.where(mask, y, 0.0)
-        x = x * (root * xp.astype(stats.alpha, dtype, copy=False))
-        y = y * (root / xp.astype(stats.alpha, dtype, copy=False)) - xp.astype(
-            stats.shift, dtype, copy=False
-        )
+        x, y = apply_balance(x, y, stats, scale=root * root)
         root = 1.0
     w = (
         features.projection_like(x)

@@ -2,28 +2,44 @@ r"""Exact variance reduction: balance queries against keys and shift all keys.
 
 With the scaled rows ``x = sqrt(scale) q`` and ``y = sqrt(scale) k``:
 
-* **balance**: ``x <- a x`` and ``y <- y / a`` leave every ``x . y`` unchanged; with
-  ``a^4 = E|y - mean y|^2 / E|x - mean x|^2`` both sides get the same spread;
+* **balance**: ``x <- x M`` and ``y <- y M^-1`` (``M`` symmetric positive definite) leave
+  every ``x . y`` unchanged. FAVOR's positive estimators have a variance that grows with
+  ``|x + y|^2``; over all query-key pairs its mean (after the shift below) is
+  ``tr(M C_x M) + tr(M^-1 C_y M^-1)`` with ``C_x``, ``C_y`` the covariances of the rows.
+  The ``"matrix"`` balance takes the minimiser, ``M^2 = G``, the geometric mean
+  ``G = C_x^-1/2 (C_x^1/2 C_y C_x^1/2)^1/2 C_x^-1/2`` of ``C_x^-1`` and ``C_y``; the
+  ``"scalar"`` balance restricts ``M`` to ``a I``, ``a^4 = tr C_y / tr C_x``. (Both
+  covariances get a ridge of 1% of their mean eigenvalue first, so that ``M`` stays
+  well determined when a side spreads over fewer than ``d`` directions.)
 * **shift**: ``y_j <- y_j - c`` with one vector ``c`` for all keys of a batch row and head
   changes every logit of a query by the same ``x . c``, which cancels in the softmax
-  normalisation. ``c = mean x + mean y`` (of the balanced rows, over valid keys) minimises
-  the mean of ``|x + y|^2``, which drives the variance of the positive estimators.
+  normalisation. ``c = mean x + mean y`` (of the balanced rows, over valid tokens)
+  minimises the mean of ``|x + y|^2``.
 
 Exact softmax attention is unchanged (to rounding); FAVOR's estimate gets far less
-variance on real models' queries and keys, whose rows share large common components.
-The statistics are constants for autograd. In causal attention they must not depend on
-future tokens and must stay fixed along the sequence: compute them once
-(:func:`balance_statistics` on a calibration batch) and pass them in.
+variance on real models' queries and keys, whose rows share large common components and
+spread unevenly over directions. The statistics are constants for autograd. In causal
+attention they must not depend on future tokens and must stay fixed along the sequence:
+compute them once (:func:`balance_statistics` on a calibration batch) and pass them in.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from types import ModuleType
+from typing import Literal, NamedTuple
 
-from ._compat import Array, compute_dtype, namespace, row_mean, stop_gradient
+from ._compat import Array, compute_dtype, device, eigh, namespace, row_mean, stop_gradient
 
-__all__ = ["Balance", "apply_balance", "balance_statistics"]
+__all__ = ["BALANCE_KINDS", "Balance", "BalanceKind", "apply_balance", "balance_statistics"]
+
+BalanceKind = Literal["matrix", "scalar"]
+BALANCE_KINDS: tuple[BalanceKind, ...] = ("matrix", "scalar")
+
+#: largest ratio of the eigenvalues of ``M^2``: keeps ``x M . y M^-1`` well conditioned
+_CONDITION = 1e4
+#: ridge added to both covariances, relative to their mean eigenvalue
+_RIDGE = 1e-2
 
 
 class Balance(NamedTuple):
@@ -31,20 +47,38 @@ class Balance(NamedTuple):
 
     Attributes
     ----------
-    alpha : array, shape batch + (1, 1)
-        Query scale ``a`` (keys are divided by it).
+    query : array, shape batch + (d, d)
+        Symmetric positive definite ``M``: queries become ``sqrt(scale) q M``.
+    key : array, shape batch + (d, d)
+        ``M^-1``: keys become ``sqrt(scale) k M^-1 - shift``.
     shift : array, shape batch + (1, d)
-        The key shift ``c``, in scaled units (``sqrt(scale) k / a - c``).
+        The key shift ``c``.
     spread : array, shape batch + (1, 1), optional
-        ``E|x + y|^2`` over query-key pairs of the balanced, shifted rows (the sum of
-        their total variances). FAVOR++ takes its ``A`` from it
-        (:meth:`~favorcore.OptimalPositiveFeatures.coefficient`), so that statistics
-        given once also fix ``A`` in causal attention.
+        ``mean_ij |x_i + y_j|^2`` of the balanced, shifted rows. FAVOR++ takes its ``A``
+        from it (:meth:`~favorcore.OptimalPositiveFeatures.coefficient`), so that
+        statistics given once also fix ``A`` in causal attention.
     """
 
-    alpha: Array
+    query: Array
+    key: Array
     shift: Array
     spread: Array | None = None
+
+
+def _covariance(xp: ModuleType, centred: Array, keep: Array | None) -> Array:
+    """``sum_i r_i^T r_i / n`` over the rows where ``keep`` (all when None)."""
+    if keep is None:
+        n = max(centred.shape[-2], 1)
+    else:
+        centred = xp.where(keep[..., None], centred, 0.0)
+        count = xp.sum(xp.astype(keep, centred.dtype), axis=-1)[..., None, None]
+        n = xp.where(count > 0, count, 1.0)
+    return (xp.matrix_transpose(centred) @ centred) / n
+
+
+def _power(xp: ModuleType, w: Array, v: Array, p: float) -> Array:
+    """``V diag(w^p) V^T``."""
+    return (v * (w**p)[..., None, :]) @ xp.matrix_transpose(v)
 
 
 def balance_statistics(
@@ -54,38 +88,70 @@ def balance_statistics(
     key_mask: Array | None = None,
     query_mask: Array | None = None,
     scale: float | None = None,
+    kind: BalanceKind = "matrix",
 ) -> Balance:
     """The balance and shift of ``q`` ``(..., Lq, d)`` and ``k`` ``(..., Lk, d)``.
 
-    Means and variances run over the valid queries (``query_mask`` ``(..., Lq)``, True =
-    a real token; all when None) and the valid keys (``key_mask`` ``(..., Lk)``, True =
-    attend). A degenerate side (zero variance) gets ``a = 1``.
+    Means and covariances run over the valid queries (``query_mask`` ``(..., Lq)``, True
+    = a real token; all when None) and the valid keys (``key_mask`` ``(..., Lk)``, True =
+    attend). ``kind`` is ``"matrix"`` (the default: the best balance, one symmetric
+    matrix per batch row and head) or ``"scalar"``. A degenerate side (no spread) gets
+    ``M = I``.
 
     Examples
     --------
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> q, k = rng.standard_normal((50, 8)) + 3.0, 0.1 * rng.standard_normal((60, 8)) - 1.0
-    >>> stats = balance_statistics(q, k)
-    >>> x, y = apply_balance(q, k, stats)
-    >>> bool(np.allclose(np.var(x, 0).sum(), np.var(y, 0).sum()))
+    >>> q = rng.standard_normal((500, 4)) * [3.0, 1.0, 0.3, 0.1]
+    >>> k = rng.standard_normal((600, 4)) * [0.1, 0.3, 1.0, 3.0]
+    >>> x, y = apply_balance(q, k, balance_statistics(q, k))
+    >>> bool(np.allclose(x @ y.T - (q @ k.T) / 2, (x @ y.T - (q @ k.T) / 2)[:, :1]))
     True
+    >>> np.round(np.cov(x.T).diagonal() / np.cov(y.T).diagonal(), 1)  # spreads equalised
+    array([1., 1., 1., 1.])
     """
+    if kind not in BALANCE_KINDS:
+        raise ValueError(f"kind must be one of {BALANCE_KINDS}, got {kind!r}")
     xp = namespace(q=q, k=k, key_mask=key_mask, query_mask=query_mask)
     dtype = compute_dtype(xp, q.dtype)
-    root = math.sqrt(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    x = xp.astype(q, dtype, copy=False) * root
-    y = xp.astype(k, dtype, copy=False) * root
-    mean_x = row_mean(xp, x, query_mask)
-    var_x = row_mean(xp, xp.sum((x - mean_x) ** 2, axis=-1, keepdims=True), query_mask)
-    mean_y = row_mean(xp, y, key_mask)
-    var_y = row_mean(xp, xp.sum((y - mean_y) ** 2, axis=-1, keepdims=True), key_mask)
-    tiny = float(xp.finfo(dtype).smallest_normal)
-    ok = (var_x > tiny) & (var_y > tiny)
-    alpha = xp.where(ok, (xp.where(ok, var_y, 1.0) / xp.where(ok, var_x, 1.0)) ** 0.25, 1.0)
-    shift = alpha * mean_x + mean_y / alpha
-    spread = alpha**2 * var_x + var_y / alpha**2
-    return Balance(*(stop_gradient(xp, a) for a in (alpha, shift, spread)))
+    d = q.shape[-1]
+    root = math.sqrt(1.0 / math.sqrt(d) if scale is None else scale)
+    x = stop_gradient(xp, xp.astype(q, dtype, copy=False)) * root
+    y = stop_gradient(xp, xp.astype(k, dtype, copy=False)) * root
+    mean_x, mean_y = row_mean(xp, x, query_mask), row_mean(xp, y, key_mask)
+    cov_x = _covariance(xp, x - mean_x, query_mask)
+    cov_y = _covariance(xp, y - mean_y, key_mask)
+    eye = xp.eye(d, dtype=dtype, device=device(x))
+    tr_x = xp.sum(cov_x * eye, axis=(-2, -1), keepdims=True)
+    tr_y = xp.sum(cov_y * eye, axis=(-2, -1), keepdims=True)
+    # rows holding NaN/inf (check_finite=False) get no balance: NaN stays where it was
+    finite = xp.isfinite(tr_x) & xp.isfinite(tr_y)
+    mean_x, mean_y = xp.where(finite, mean_x, 0.0), xp.where(finite, mean_y, 0.0)
+    cov_x, cov_y = xp.where(finite, cov_x, 0.0), xp.where(finite, cov_y, 0.0)
+    tiny = float(xp.finfo(dtype).smallest_normal) * d
+    ok = finite & (tr_x > tiny) & (tr_y > tiny)
+    tr_x, tr_y = xp.where(ok, tr_x, 1.0), xp.where(ok, tr_y, 1.0)
+    if kind == "scalar":
+        alpha = (tr_y / tr_x) ** 0.25
+        query, key = alpha * eye, eye / alpha
+    else:  # a ridge of RIDGE x the mean eigenvalue keeps M well determined (L < d, ...)
+        w, v = eigh(xp, cov_x + (_RIDGE * tr_x / d) * eye)
+        w = xp.where(w > tiny, w, tiny)
+        half, half_inv = _power(xp, w, v, 0.5), _power(xp, w, v, -0.5)
+        t = half @ (cov_y + (_RIDGE * tr_y / d) * eye) @ half
+        w, v = eigh(xp, (t + xp.matrix_transpose(t)) / 2)
+        g = half_inv @ _power(xp, xp.where(w > 0, w, 0.0), v, 0.5) @ half_inv
+        w, v = eigh(xp, (g + xp.matrix_transpose(g)) / 2)
+        low = w[..., -1:] / _CONDITION
+        low = xp.where(low > tiny, low, tiny)  # (degenerate rows: replaced by I below)
+        w = xp.where(w > low, w, low)
+        query, key = _power(xp, w, v, 0.5), _power(xp, w, v, -0.5)
+    query, key = xp.where(ok, query, eye), xp.where(ok, key, eye)
+    shift = mean_x @ query + mean_y @ key
+    spread = xp.sum((query @ cov_x) * query, axis=(-2, -1), keepdims=True) + xp.sum(
+        (key @ cov_y) * key, axis=(-2, -1), keepdims=True
+    )
+    return Balance(*(stop_gradient(xp, a) for a in (query, key, shift, spread)))
 
 
 def apply_balance(
@@ -97,6 +163,6 @@ def apply_balance(
     xp = namespace(q=q, k=k)
     dtype = compute_dtype(xp, q.dtype)
     root = math.sqrt(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    x = xp.astype(q, dtype, copy=False) * (root * stats.alpha)
-    y = xp.astype(k, dtype, copy=False) * (root / stats.alpha) - stats.shift
-    return x, y
+    x = (xp.astype(q, dtype, copy=False) * root) @ xp.astype(stats.query, dtype, copy=False)
+    y = (xp.astype(k, dtype, copy=False) * root) @ xp.astype(stats.key, dtype, copy=False)
+    return x, y - xp.astype(stats.shift, dtype, copy=False)

@@ -333,7 +333,9 @@ def test_broadcast_batch_dimensions(backend: Backend, rng: np.random.Generator) 
                 one = fc.favor_attention(
                     a(q[i, j]), a(k[j]), a(v), features=fmap, causal=causal, key_mask=a(mask[i, 0])
                 )
-                np.testing.assert_allclose(got[i, j], to_numpy(one), rtol=1e-12, atol=1e-14)
+                # the balance's eigendecompositions run batched here and one at a time
+                # there: their rounding differs, amplified by cond(M) <= 100
+                np.testing.assert_allclose(got[i, j], to_numpy(one), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(("half", "unit"), [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])

@@ -15,34 +15,75 @@ lazy_xp_modules = [fc]  # see conftest.py: jax.jit on JAX, no compute on Dask
 
 
 def _offset_inputs(rng: np.random.Generator, lq: int = 40, lk: int = 50, d: int = 16):
-    # like real models' q/k: rows share a large common component, keys spread less
+    # like real models' q/k: rows share a large common component, keys spread less, and
+    # each spreads over its own few directions
     mu_q, mu_k = rng.standard_normal(d) * 1.5, rng.standard_normal(d) * 1.5
-    q = mu_q + 0.5 * rng.standard_normal((2, lq, d))
-    k = mu_k + 0.2 * rng.standard_normal((2, lk, d))
+    spread = np.logspace(0, -1.5, d)
+    q = mu_q + 0.8 * spread * rng.standard_normal((2, lq, d))
+    k = mu_k + 0.3 * spread[::-1] * rng.standard_normal((2, lk, d))
     v = rng.standard_normal((2, lk, 4))
     return q, k, v
 
 
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kind", ["matrix", "scalar"])
 def test_balance_and_shift_leave_exact_attention_unchanged(
-    backend: Backend, rng: np.random.Generator, masked: bool
+    backend: Backend, rng: np.random.Generator, masked: bool, kind: str
 ) -> None:
     q, k, v = _offset_inputs(rng)
-    mask = rng.random((2, 50)) < 0.7 if masked else None
+    mask = rng.random((2, 50)) < 0.7 if masked else np.ones((2, 50), bool)
     a = backend.asarray
-    km = None if mask is None else a(mask)
-    stats = fc.balance_statistics(a(q), a(k), key_mask=km)
+    km = a(mask) if masked else None
+    stats = fc.balance_statistics(a(q), a(k), key_mask=km, kind=kind)
     x, y = fc.apply_balance(a(q), a(k), stats)
     got = to_numpy(fc.softmax_attention(x, y, a(v), key_mask=km, scale=1.0))
     np.testing.assert_allclose(
         got, ref.softmax_attention(q, k, v, key_mask=mask), rtol=1e-11, atol=1e-13
     )
-    xs, ys = to_numpy(x), to_numpy(y)
-    # the balance equalises the spreads (over valid keys)
-    keys = ys if mask is None else np.where(mask[..., None], ys, np.nan)
-    var_x = np.var(xs, axis=-2).sum(-1)
-    var_y = np.nanvar(keys, axis=-2).sum(-1)
-    np.testing.assert_allclose(var_x, var_y, rtol=1e-10)
+    for row in range(2):
+        xs, ys = to_numpy(x)[row], to_numpy(y)[row][mask[row]]
+        cov_x, cov_y = np.cov(xs.T, bias=True), np.cov(ys.T, bias=True)
+        if kind == "scalar":  # equal total variances
+            np.testing.assert_allclose(np.trace(cov_x), np.trace(cov_y), rtol=1e-10)
+        else:  # M^2 (C_x + r_x I) M^2 = C_y + r_y I with the ridges r = 1e-2 tr(C) / d:
+            # the balanced covariances are equal but for r_x M^2 - r_y M^-2
+            m, m_inv = to_numpy(stats.query)[row], to_numpy(stats.key)[row]
+            r_x = 1e-2 * np.trace(np.cov(q[row].T, bias=True) / 4) / 16
+            r_y = 1e-2 * np.trace(np.cov(k[row][mask[row]].T, bias=True) / 4) / 16
+            np.testing.assert_allclose(
+                cov_y - cov_x, r_x * m @ m - r_y * m_inv @ m_inv, rtol=0, atol=1e-13
+            )
+        # the shift centres x + y; spread is the mean of |x_i + y_j|^2 over all pairs
+        pairs = xs[:, None, :] + ys[None, :, :]
+        np.testing.assert_allclose(pairs.mean((0, 1)), 0.0, atol=1e-12)
+        want = (pairs**2).sum(-1).mean()
+        np.testing.assert_allclose(to_numpy(stats.spread)[row, 0, 0], want, rtol=1e-10)
+
+
+def test_matrix_balance_beats_the_scalar_one_on_anisotropic_rows() -> None:
+    # Queries and keys that spread over different directions: the matrix balance makes
+    # the mean |x + y|^2 (the driver of the variance) smaller, and FAVOR+'s error with it.
+    rng = np.random.default_rng(1)
+    q, k, v = _offset_inputs(rng, lq=200, lk=200)
+    exact = ref.softmax_attention(q, k, v)
+    spreads = {
+        kind: float(fc.balance_statistics(q, k, kind=kind).spread.mean())
+        for kind in ("scalar", "matrix")
+    }
+    assert spreads["matrix"] < 0.7 * spreads["scalar"], spreads
+
+    def errors(kind: str) -> np.ndarray:
+        return np.array([
+            np.linalg.norm(fc.favor_attention(q, k, v, features=fc.PositiveFeatures(m=64, seed=s),
+                                              balance=kind) - exact) / np.linalg.norm(exact)
+            for s in range(30)
+        ])  # fmt: skip
+
+    scalar, matrix = errors("scalar"), errors("matrix")
+    z = (scalar.mean() - matrix.mean()) / math.hypot(
+        scalar.std(ddof=1) / math.sqrt(30), matrix.std(ddof=1) / math.sqrt(30)
+    )
+    assert z > 3, (scalar.mean(), matrix.mean())
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -124,10 +165,11 @@ def test_bad_balance_arguments_raise(backend: Backend, rng: np.random.Generator)
     fmap = fc.PositiveFeatures(m=8, seed=0)
     with pytest.raises(ValueError, match="balance=True computes"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, balance=True, return_state=True)
-    bad = fc.Balance(a(np.ones((2, 1, 1))), a(np.zeros((2, 1, 5))))
+    eye = a(np.eye(16))
+    bad = fc.Balance(eye, eye, a(np.zeros((2, 1, 5))))
     with pytest.raises(ValueError, match=r"balance.shift must have shape batch \+ \(1, 16\)"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, balance=bad)
-    with pytest.raises(TypeError, match="balance must be None, a bool or a Balance"):
+    with pytest.raises(TypeError, match="balance must be None, a bool, one of"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, balance="auto")
 
 
@@ -208,7 +250,7 @@ def test_padding_changes_nothing_with_query_and_key_masks(
             key_mask=a(mask),
             query_mask=a(mask),
             check_finite=False,
-        )  # fmt: skip
+        )
     )
     for row, n in enumerate(lengths):
         alone = fc.favor_attention(
@@ -260,7 +302,7 @@ def test_causal_favorpp_takes_a_from_given_statistics(
             balance=False,
         )
         np.testing.assert_allclose(full[row], to_numpy(want), rtol=1e-10, atol=1e-12)
-    without_spread = fc.Balance(calib.alpha, calib.shift)
+    without_spread = calib._replace(spread=None)
     with pytest.raises(ValueError, match="computes statistics from each call's tokens"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=True, balance=without_spread)
 

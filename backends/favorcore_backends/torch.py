@@ -17,6 +17,7 @@ this module adds what only PyTorch has:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import favorcore
-from favorcore import AttentionState, FeatureMap, PositiveFeatures, register_step
+from favorcore import (
+    AttentionState,
+    Balance,
+    BalanceKind,
+    FeatureMap,
+    OptimalPositiveFeatures,
+    PositiveFeatures,
+    register_step,
+)
 from favorcore._tiled import TiledOps
 
 from .numpy import GAP, SAMPLE
@@ -37,6 +46,7 @@ __all__ = [
     "causal_favor_attention",
     "favorize",
     "register_transformers",
+    "transformers_statistics",
 ]
 
 #: Tokens per recomputed segment in the backward pass of causal attention.
@@ -114,6 +124,7 @@ def causal_favor_attention(
     projection: torch.Tensor | None = None,
     segment: int | None = DEFAULT_SEGMENT,
     check_finite: bool = True,
+    balance: Balance | None = None,
 ) -> torch.Tensor:
     """Causal FAVOR attention whose backward pass keeps O(segment * m) activations.
 
@@ -123,10 +134,11 @@ def causal_favor_attention(
     backward recomputes one segment's features at a time. Without gradients (or with
     ``segment=None``, or a sequence no longer than one segment) it is one core call. The
     result equals :func:`favorcore.favor_attention` with ``causal=True`` to rounding.
+    ``balance`` takes fixed statistics (e.g. of a calibration batch) as in the core.
     """
     kwargs: dict[str, Any] = {
         "features": features, "causal": True, "scale": scale, "chunk_size": chunk_size,
-        "projection": projection, "check_finite": check_finite,
+        "projection": projection, "check_finite": check_finite, "balance": balance,
     }  # fmt: skip
     length = q.shape[-2]
     needs_grad = torch.is_grad_enabled() and any(
@@ -504,8 +516,14 @@ def favorize(model: nn.Module, **kwargs: Any) -> nn.Module:
     return model
 
 
-def register_transformers(name: str = "favor", *, features: FeatureMap | None = None,
-                          chunk_size: int | None = None, balance: bool = False) -> str:  # fmt: skip
+def register_transformers(
+    name: str = "favor",
+    *,
+    features: FeatureMap | None = None,
+    chunk_size: int | None = None,
+    balance: bool | BalanceKind | None = None,
+    statistics: Mapping[int, Balance] | None = None,
+) -> str:
     """Register FAVOR attention with Hugging Face ``transformers`` under ``name``.
 
     Registers an attention function with ``AttentionInterface`` and a mask function with
@@ -513,51 +531,164 @@ def register_transformers(name: str = "favor", *, features: FeatureMap | None = 
     padding mask and padding would be silently ignored). The mask function gives the
     attention function the key-padding mask and whether attention is causal; any other
     mask (sliding windows, arbitrary patterns) raises. Load a model with
-    ``attn_implementation=name``, or set ``model.config._attn_implementation = name``.
+    ``attn_implementation=name``, or call ``model.set_attn_implementation(name)``.
 
-    ``balance=True`` applies the exact balance and key shift (:mod:`favorcore.balance`) in
-    bidirectional layers, with statistics from each call's valid tokens.
+    Parameters
+    ----------
+    name : str
+        The implementation's name.
+    features : FeatureMap, optional
+        The map; every layer (``module.layer_idx``) gets its own independent draw of it.
+        By default FAVOR++ with ``m = 256`` (the estimator the evidence in the docs
+        chose); causal layers without ``statistics`` then use ``A = 0`` (antithetic
+        FAVOR+), since they cannot take ``A`` from their own tokens.
+    chunk_size : int, optional
+        Chunk length of causal attention.
+    balance : bool, {"matrix", "scalar"}, optional
+        The exact balance and key shift (:mod:`favorcore.balance`) in bidirectional
+        layers, from each call's real tokens (default: the matrix balance for the
+        positive maps).
+    statistics : mapping of int to Balance, optional
+        Fixed statistics per layer index (:func:`transformers_statistics` of a
+        calibration batch): used by every layer they cover, causal ones included, where
+        they also fix FAVOR++'s ``A``.
 
-    Returns ``name``.
+    Returns
+    -------
+    str
+        ``name``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    fmap = PositiveFeatures(m=256) if features is None else features
+    fmap: FeatureMap = OptimalPositiveFeatures(m=256) if features is None else features
+    plain = OptimalPositiveFeatures(m=256, a=0.0, seed=fmap.seed) if features is None else fmap
+    maps: dict[tuple[int, bool], FeatureMap] = {}
+    given = dict(statistics or {})
+
+    def layer_map(layer: int, causal_plain: bool) -> FeatureMap:
+        if (layer, causal_plain) not in maps:
+            base = plain if causal_plain else fmap
+            seed = int(np.random.SeedSequence([fmap.seed or 0, layer]).generate_state(1)[0])
+            maps[layer, causal_plain] = dataclasses.replace(base, seed=seed)
+        return maps[layer, causal_plain]
+
     AttentionMaskInterface.register(name, _hf_mask)
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
-        if query.shape[1] != key.shape[1]:  # grouped-query attention: repeat the kv heads
-            rep = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-        causal = bool(getattr(module, "is_causal", False))
-        key_mask = None
-        if isinstance(attention_mask, _HFMask):
-            causal, key_mask = attention_mask.causal, attention_mask.key_mask
-        elif attention_mask is not None:
-            raise ValueError(
-                f"attention_mask: the {name!r} attention needs its own mask function; "
-                f"call register_transformers({name!r}) before the model runs"
-            )
+        key, value = _repeat_kv(query, key, value)
+        causal, key_mask = _hf_call_mask(name, module, attention_mask)
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        stats = given.get(layer)
         with torch.autocast(device_type=query.device.type, enabled=False):
             km = None if key_mask is None else key_mask[:, None, :]
             if causal and query.shape[2] == key.shape[2]:
-                out = causal_favor_attention(query, key, value, features=fmap, key_mask=km,
-                                             scale=scaling, chunk_size=chunk_size,
-                                             check_finite=False)  # fmt: skip
+                out = causal_favor_attention(query, key, value, features=layer_map(layer, stats is None),
+                                             key_mask=km, scale=scaling, chunk_size=chunk_size,
+                                             check_finite=False, balance=stats)  # fmt: skip
             elif causal:
                 raise ValueError(
                     "causal attention with a key/value cache is not supported by this registration"
                 )
             else:
-                out = _favor(query, key, value, features=fmap, key_mask=km, scale=scaling, balance=balance,
-                             check_finite=False)  # fmt: skip
+                qm = km if query.shape[2] == key.shape[2] else None  # self-attention
+                out = _favor(query, key, value, features=layer_map(layer, False), key_mask=km,
+                             query_mask=qm, scale=scaling, check_finite=False,
+                             balance=balance if stats is None else stats)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(name, attention)
     return name
+
+
+def transformers_statistics(model: Any, batches: Iterable[Mapping[str, Any]]) -> dict[int, Balance]:
+    """Per-layer :class:`~favorcore.Balance` statistics of a ``transformers`` model.
+
+    Runs ``model`` on each batch of keyword inputs (``input_ids``, ``attention_mask``,
+    ...) with exact attention, records every layer's queries and keys, and pools them
+    per head over all real tokens of all batches. The result, passed to
+    :func:`register_transformers` as ``statistics``, fixes the balance, the key shift and
+    FAVOR++'s ``A`` of each layer: what causal layers need, since they cannot take
+    statistics from their own (future) tokens.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name = "favorcore_statistics"
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]] = {}
+
+    def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+        key, value = _repeat_kv(query, key, value)
+        causal, key_mask = _hf_call_mask(name, module, attention_mask)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        seen.setdefault(layer, []).append((query.detach(), key.detach(), key_mask, scale))
+        km = None if key_mask is None else key_mask[:, None, :]
+        out = favorcore.softmax_attention(query, key, value, causal=causal, key_mask=km,
+                                          scale=scale, check_finite=False)  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionMaskInterface.register(name, _hf_mask)
+    AttentionInterface.register(name, record)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        model.set_attn_implementation(before)
+    return {layer: _pooled_statistics(calls) for layer, calls in seen.items()}
+
+
+def _pooled_statistics(
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
+) -> Balance:
+    """One Balance per head, shape ``(1, heads, 1, ...)``, over the real tokens of all calls."""
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, d) -> (1, H, B L, d)
+        return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1])
+
+    q = torch.cat([flat(c[0].double()) for c in calls], dim=2)
+    k = torch.cat([flat(c[1].double()) for c in calls], dim=2)
+    masks = [
+        torch.ones(c[0].shape[0] * c[0].shape[2], dtype=torch.bool, device=c[0].device)
+        if c[2] is None or c[0].shape[2] != c[1].shape[2]
+        else c[2].reshape(-1)
+        for c in calls
+    ]
+    mask = torch.cat(masks)[None, None, :]
+    stats = favorcore.balance_statistics(q, k, key_mask=mask, query_mask=mask, scale=calls[0][3])
+    dtype = calls[0][0].dtype
+    return Balance(*(t.to(dtype) for t in stats if t is not None))
+
+
+def _repeat_kv(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: repeat the key/value heads to the query heads."""
+    if query.shape[1] != key.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return key, value
+
+
+def _hf_call_mask(
+    name: str, module: nn.Module, attention_mask: Any
+) -> tuple[bool, torch.Tensor | None]:
+    """``(causal, key_mask)`` from what the registered mask function handed over."""
+    if isinstance(attention_mask, _HFMask):
+        return attention_mask.causal, attention_mask.key_mask
+    if attention_mask is not None:
+        raise ValueError(
+            f"attention_mask: the {name!r} attention needs its own mask function; "
+            f"call register_transformers({name!r}) before the model runs"
+        )
+    return bool(getattr(module, "is_causal", False)), None
 
 
 @dataclasses.dataclass(frozen=True)
