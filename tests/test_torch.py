@@ -20,14 +20,55 @@ def _module(**kw):
     return ftorch.FavorAttention(32, 4, batch_first=True, dtype=torch.float64, **kw)
 
 
-def _reference(mod, x, *, causal=False, key_mask=None):
+def _reference(mod, x, *, causal=False, key_mask=None, features=None, balance=None):
     """The module's computation written out: projections, core attention, output."""
     w = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
     b = mod.in_proj_bias.chunk(3)
     q, k, v = (torch.nn.functional.linear(x, wi, bi) for wi, bi in zip(w, b, strict=True))
     q, k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in (q, k, v))
-    out = fc.favor_attention(q, k, v, features=mod.features, causal=causal, key_mask=key_mask)
+    out = fc.favor_attention(
+        q, k, v, features=features or mod.features, causal=causal, key_mask=key_mask,
+        balance=balance,
+    )  # fmt: skip
     return mod.out_proj(out.transpose(1, 2).flatten(-2))
+
+
+def test_default_module_and_calibrated_statistics() -> None:
+    # The default map is FAVOR++ with per-call statistics in bidirectional calls; causal
+    # calls use A = 0 without statistics, and the calibrated ones (balance, shift, A per
+    # head) once calibrate() has run -- still causal.
+    torch.manual_seed(0)
+    mod = ftorch.FavorAttention(32, 4, batch_first=True, dtype=torch.float64)
+    assert isinstance(mod.features, fc.OptimalPositiveFeatures)
+    assert mod.features.a is None
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    torch.testing.assert_close(mod(x, x, x)[0], _reference(mod, x), rtol=1e-12, atol=1e-12)
+    plain = fc.OptimalPositiveFeatures(m=256, a=0.0, seed=mod.features.seed)
+    torch.testing.assert_close(
+        mod(x, x, x, is_causal=True)[0], _reference(mod, x, causal=True, features=plain),
+        rtol=1e-12, atol=1e-12,
+    )  # fmt: skip
+    calib = torch.randn(4, 30, 32, dtype=torch.float64)
+    stats = mod.calibrate(calib, calib)
+    assert stats.query.shape == (1, 4, 8, 8)
+    assert stats.spread.shape == (1, 4, 1, 1)
+    out = mod(x, x, x, is_causal=True)[0]
+    torch.testing.assert_close(
+        out, _reference(mod, x, causal=True, balance=stats), rtol=1e-12, atol=1e-12
+    )
+    later = x.clone()
+    later[:, 12:] = 10.0
+    torch.testing.assert_close(mod(later, later, later, is_causal=True)[0][:, :12], out[:, :12])
+    # the same statistics as the core's pooled over the calibration tokens
+    w, b = mod.q_proj_weight, mod.in_proj_bias.chunk(3)
+    q = torch.nn.functional.linear(calib, w, b[0]).unflatten(-1, (4, 8)).transpose(1, 2)
+    k = torch.nn.functional.linear(calib, mod.k_proj_weight, b[1]).unflatten(-1, (4, 8))
+    k = k.transpose(1, 2)
+    pooled = fc.balance_statistics(
+        q.transpose(0, 1).reshape(1, 4, 120, 8), k.transpose(0, 1).reshape(1, 4, 120, 8)
+    )
+    for got, want in zip(stats, pooled, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -77,3 +77,25 @@ def test_unregistered_mask_is_refused() -> None:
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="needs its own mask function"):
         attention(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 4, 4))
+
+
+def test_calibrated_statistics_keep_a_causal_model_causal_and_close() -> None:
+    # transformers_statistics pools each layer's q/k over a calibration batch; the default
+    # map (FAVOR++) then takes its balance, shift and A from them in causal layers.
+    name = ftorch.register_transformers("favor_test_default")
+    favor, sdpa = _llama(name), _llama("sdpa")
+    calib = {"input_ids": torch.randint(0, 64, (4, 16))}
+    stats = ftorch.transformers_statistics(sdpa, [calib])
+    assert sorted(stats) == [0, 1]
+    assert stats[0].query.shape == (1, 4, 8, 8)
+    calibrated = ftorch.register_transformers("favor_test_calibrated", statistics=stats)
+    favor.set_attn_implementation(calibrated)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        logits = favor(input_ids=ids).logits
+        later = ids.clone()
+        later[:, 6:] = (later[:, 6:] + 5) % 64
+        torch.testing.assert_close(favor(input_ids=later).logits[:, :6], logits[:, :6])
+        exact = sdpa(input_ids=ids).logits
+    assert 1e-6 < (logits - exact).norm() / exact.norm() < 0.05
+    assert sdpa.config._attn_implementation == "sdpa"  # restored after the recording run

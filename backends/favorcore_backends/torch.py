@@ -33,7 +33,6 @@ from favorcore import (
     BalanceKind,
     FeatureMap,
     OptimalPositiveFeatures,
-    PositiveFeatures,
     register_step,
 )
 from favorcore._tiled import TiledOps
@@ -216,7 +215,11 @@ class FavorAttention(nn.Module):
         As in ``nn.MultiheadAttention`` (``dropout`` must be 0; ``add_bias_kv`` and
         ``add_zero_attn`` must be False).
     features : FeatureMap, optional
-        The feature map (default ``PositiveFeatures(m=256)`` with a fresh seed).
+        The feature map. By default FAVOR++ (``OptimalPositiveFeatures(m=256)``, a fresh
+        seed) with the exact balance in bidirectional calls; causal calls take the
+        balance and ``A`` from :attr:`statistics` (see :meth:`calibrate`) and without
+        them use ``A = 0`` (antithetic FAVOR+), since they cannot take statistics from
+        their own future tokens.
     redraw_interval : int, optional
         Redraw the projection every this many forward calls in training mode.
     scale : float, optional
@@ -230,7 +233,7 @@ class FavorAttention(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> attn = FavorAttention(64, 4, batch_first=True, features=PositiveFeatures(m=128, seed=0))
+    >>> attn = FavorAttention(64, 4, batch_first=True)
     >>> x = torch.randn(2, 100, 64)
     >>> out, weights = attn(x, x, x, is_causal=True)
     >>> out.shape, weights
@@ -295,9 +298,17 @@ class FavorAttention(nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.features = PositiveFeatures(m=256) if features is None else features
+        self.features = OptimalPositiveFeatures(m=256) if features is None else features
         if not isinstance(self.features, FeatureMap):
             raise TypeError(f"features must be a FeatureMap, got {type(self.features).__name__}")
+        # causal calls without statistics: the default map with A = 0 (same projection)
+        self._plain = (
+            OptimalPositiveFeatures(m=256, a=0.0, seed=self.features.seed)
+            if features is None
+            else self.features
+        )
+        #: fixed :class:`~favorcore.Balance` statistics (per head) for every call, or None
+        self.statistics: Balance | None = None
         self.redraw_interval, self.scale, self.chunk_size, self.segment = (
             redraw_interval, scale, chunk_size, segment,
         )  # fmt: skip
@@ -452,7 +463,12 @@ class FavorAttention(nn.Module):
                 # no device sync (nor graph break) per call: inputs come from the projections
                 "check_finite": False,
             }  # fmt: skip
+            stats = self.statistics
+            if stats is not None:
+                kwargs["balance"] = Balance(*(None if t is None else t.to(q) for t in stats))
             if causal:
+                if stats is None:
+                    kwargs["features"] = self._plain
                 out = causal_favor_attention(q, k, v, segment=self.segment, **kwargs)
             else:
                 out = _favor(q, k, v, query_mask=key_mask if self_attention else None, **kwargs)
@@ -460,6 +476,42 @@ class FavorAttention(nn.Module):
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
         return (out[:, 0] if unbatched else out), None
+
+    def calibrate(
+        self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> Balance:
+        """Fix :attr:`statistics` from a calibration batch; returns them.
+
+        ``query`` and ``key`` are shaped as for :meth:`forward`. The balance, key shift
+        and FAVOR++'s ``A`` of each head are computed from this batch's projected queries
+        and keys, pooled over its real tokens, and used by every later call: what causal
+        attention needs (its calls cannot use their own future tokens). Set
+        :attr:`statistics` to None to go back to per-call statistics.
+        """
+        with torch.no_grad():
+            self_attention = query is key
+            unbatched = query.dim() == 2
+            if unbatched:
+                query, key = query[:, None], key[:, None]
+                if key_padding_mask is not None:
+                    key_padding_mask = key_padding_mask[None]
+            if not self.batch_first or unbatched:
+                query, key = query.transpose(0, 1), key.transpose(0, 1)
+            b = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q = F.linear(query, self.q_proj_weight, b[0])
+            k = F.linear(key, self.k_proj_weight, b[1])
+            q, k = (
+                t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+                for t in (q, k)
+            )
+            km = self._key_mask(key_padding_mask, k.shape[0], k.shape[2])
+            mask = None if km is None else km[:, 0, :]
+            scale = self.head_dim**-0.5 if self.scale is None else self.scale
+            if self_attention or mask is None:
+                self.statistics = _pooled_statistics([(q, k, mask, scale)])
+            else:  # cross-attention: queries are all real
+                self.statistics = _pooled_statistics([(q, k, mask, scale)], queries_masked=False)
+        return self.statistics
 
     def extra_repr(self) -> str:
         return (
@@ -500,7 +552,7 @@ def favorize(model: nn.Module, **kwargs: Any) -> nn.Module:
     --------
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(32, 4, dropout=0.0, batch_first=True)
-    >>> layer = favorize(layer, features=PositiveFeatures(m=64, seed=0))
+    >>> layer = favorize(layer, features=favorcore.PositiveFeatures(m=64, seed=0))
     >>> type(layer.self_attn).__name__
     'FavorAttention'
     """
@@ -647,24 +699,37 @@ def transformers_statistics(model: Any, batches: Iterable[Mapping[str, Any]]) ->
 
 def _pooled_statistics(
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
+    *,
+    queries_masked: bool = True,
 ) -> Balance:
-    """One Balance per head, shape ``(1, heads, 1, ...)``, over the real tokens of all calls."""
+    """One Balance per head, shape ``(1, heads, ...)``, over the real tokens of all calls.
+
+    Each call is ``(q, k, key_mask, scale)`` with ``q`` ``(B, H, Lq, d)``, ``k``
+    ``(B, H, Lk, d)`` and ``key_mask`` ``(B, Lk)`` or None; in self-attention
+    (``queries_masked``, ``Lq == Lk``) the key mask marks the real queries too.
+    """
 
     def flat(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, d) -> (1, H, B L, d)
         return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1])
 
+    def ones(n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bool, device=like.device)
+
     q = torch.cat([flat(c[0].double()) for c in calls], dim=2)
     k = torch.cat([flat(c[1].double()) for c in calls], dim=2)
-    masks = [
-        torch.ones(c[0].shape[0] * c[0].shape[2], dtype=torch.bool, device=c[0].device)
-        if c[2] is None or c[0].shape[2] != c[1].shape[2]
-        else c[2].reshape(-1)
-        for c in calls
-    ]
-    mask = torch.cat(masks)[None, None, :]
-    stats = favorcore.balance_statistics(q, k, key_mask=mask, query_mask=mask, scale=calls[0][3])
+    key_mask = torch.cat(
+        [ones(c[1].shape[0] * c[1].shape[2], c[1]) if c[2] is None else c[2].reshape(-1)
+         for c in calls]
+    )[None, None, :]  # fmt: skip
+    query_mask = torch.cat(
+        [c[2].reshape(-1) if queries_masked and c[2] is not None and c[0].shape[2] == c[1].shape[2]
+         else ones(c[0].shape[0] * c[0].shape[2], c[0]) for c in calls]
+    )[None, None, :]  # fmt: skip
+    stats = favorcore.balance_statistics(
+        q, k, key_mask=key_mask, query_mask=query_mask, scale=calls[0][3]
+    )
     dtype = calls[0][0].dtype
-    return Balance(*(t.to(dtype) for t in stats if t is not None))
+    return Balance(*(None if t is None else t.to(dtype) for t in stats))
 
 
 def _repeat_kv(
