@@ -10,7 +10,11 @@ thread count for everyone, and reports per case
 * the effective rate ``8 L m d heads / time`` (DESIGN.md section 5) and that rate as a
   percentage of the backend's float32 GEMM rate (a 4096^3 matmul) measured in the same run;
 
-then the ratios favorcore/peer and favorcore/exact, pair by pair. It writes ``bench.json``
+then the ratios favorcore/peer and favorcore/exact, pair by pair. ``favorcore-*`` run
+FAVOR+ (``PositiveFeatures``, no balance: the peers' algorithm); ``favorcore++-*`` run
+the library's default estimator, FAVOR++ with the matrix balance (per call when
+bidirectional; causal calls get statistics computed once beforehand, as from a
+calibration batch), and their cost is reported against FAVOR+'s. It writes ``bench.json``
 and, with matplotlib, ``bench_time.png`` and ``bench_memory.png`` (log-log, one line per
 method). ``--scale`` runs causal attention over 2^20 tokens (1 head) and reports the whole
 process's peak resident set and the per-token cost against L = 16384.
@@ -30,11 +34,16 @@ from typing import Any
 
 __all__ = ["main", "run_case"]
 
-METHODS = ("favorcore-numpy", "favorcore-torch", "favorcore-jax", "sdpa", "performer")
+METHODS = (
+    "favorcore-numpy", "favorcore-torch", "favorcore-jax", "favorcore++-numpy",
+    "favorcore++-torch", "sdpa", "performer",
+)  # fmt: skip
 BACKEND_OF = {
     "favorcore-numpy": "numpy",
     "favorcore-torch": "torch",
     "favorcore-jax": "jax",
+    "favorcore++-numpy": "numpy",
+    "favorcore++-torch": "torch",
     "sdpa": "torch",
     "performer": "torch",
 }
@@ -105,7 +114,8 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
         threadpool_limits(threads)
     import favorcore as fc
 
-    fmap = fc.PositiveFeatures(m=m, seed=0)
+    default = method.startswith("favorcore++")
+    fmap = fc.OptimalPositiveFeatures(m=m, seed=0) if default else fc.PositiveFeatures(m=m, seed=0)
     q: Any
     k: Any
     v: Any
@@ -121,6 +131,10 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
         q, k, v = (jnp.asarray(a) for a in host)
     else:
         q, k, v = host
+    # FAVOR+: no balance; the default: per call (bidirectional) or calibrated (causal)
+    balance: Any = False
+    if default:
+        balance = fc.balance_statistics(q, k) if causal else None
     if method == "performer":
         from performer_pytorch import FastAttention
 
@@ -135,7 +149,9 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
             with torch.no_grad():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     elif backend == "jax":
-        fn = jax.jit(lambda q, k, v: fc.favor_attention(q, k, v, features=fmap, causal=causal))
+        fn = jax.jit(
+            lambda q, k, v: fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=False)
+        )
 
         def call() -> Any:
             return fn(q, k, v).block_until_ready()
@@ -143,11 +159,11 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
 
         def call() -> Any:
             with torch.no_grad():
-                return fc.favor_attention(q, k, v, features=fmap, causal=causal)
+                return fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
     else:
 
         def call() -> Any:
-            return fc.favor_attention(q, k, v, features=fmap, causal=causal)
+            return fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
 
     process_peak = _status_mib("VmHWM")  # inputs made, nothing called yet
     before = _reset_peak()
@@ -254,6 +270,16 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (length, mode, method), r in sorted(index.items()):
         if not method.startswith("favorcore"):
+            continue
+        if method.startswith("favorcore++"):
+            base = index.get((length, mode, method.replace("++", "")))
+            if base is not None:
+                cost = r["median_s"] / base["median_s"]
+                out.append({
+                    "L": length, "mode": mode, "method": method, "peer": base["method"], "cost": cost,
+                    "text": f"L={length:>6} {mode:<14} {method} (FAVOR++ + balance) costs "
+                            f"{cost:5.2f}x {base['method']} (FAVOR+)",
+                })  # fmt: skip
             continue
         for peer in ("performer", "sdpa"):
             p = index.get((length, mode, peer))

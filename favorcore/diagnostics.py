@@ -9,7 +9,8 @@ import numpy as np
 
 from ._compat import Array, namespace, to_host
 from .attention import favor_attention, softmax_attention
-from .features import FeatureMap, PositiveFeatures
+from .balance import balance_statistics
+from .features import FeatureMap, OptimalPositiveFeatures, PositiveFeatures
 
 __all__ = ["ErrorEstimate", "estimate_error"]
 
@@ -70,9 +71,10 @@ def estimate_error(
 
     Takes up to ``sample`` positions of the first sequence of each of (at most) four
     heads, computes exact softmax attention and FAVOR attention with ``features``
-    (default: the positive map; ``m`` replaced by each of ``ms``) for ``seeds`` seeds on
-    the host in float64, and returns the mean relative error per m and the smallest m
-    that reaches ``target``.
+    (default: FAVOR++, the library's default; ``m`` replaced by each of ``ms``) for
+    ``seeds`` seeds on the host in float64, with the default balance (causal: the
+    positive maps get statistics computed from the sample, as from a calibration batch),
+    and returns the mean relative error per m and the smallest m that reaches ``target``.
 
     Parameters
     ----------
@@ -103,7 +105,7 @@ def estimate_error(
         raise ValueError(f"ms must be positive integers, got {ms!r}")
     if seeds <= 0 or sample <= 0:
         raise ValueError("seeds and sample must be positive")
-    base = PositiveFeatures() if features is None else features
+    base = OptimalPositiveFeatures() if features is None else features
 
     def host(a: Array) -> np.ndarray:
         x = to_host(a).astype(np.float64)
@@ -117,13 +119,18 @@ def estimate_error(
         else np.random.default_rng(0).standard_normal((*kh.shape[:-1], qh.shape[-1]))
     )
     exact = softmax_attention(qh, kh, vh, causal=causal, scale=scale)
+    # causal: the positive maps get statistics as if calibrated on this sample
+    positive = isinstance(base, PositiveFeatures)
+    balance = balance_statistics(qh, kh, scale=scale) if causal and positive else None
     norm = float(np.linalg.norm(exact)) or 1.0
     errors, spreads = [], []
     for m in ms:
         per_seed = []
         for seed in range(seeds):
             fmap = _with(base, m=m, seed=seed)
-            out = favor_attention(qh, kh, vh, features=fmap, causal=causal, scale=scale)
+            out = favor_attention(
+                qh, kh, vh, features=fmap, causal=causal, scale=scale, balance=balance
+            )
             per_seed.append(float(np.linalg.norm(out - exact)) / norm)
         errors.append(float(np.mean(per_seed)))
         spreads.append(float(np.std(per_seed)))

@@ -16,7 +16,10 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     )  # fmt: skip
     rows = [r for r in result["rows"] if "error" not in r]
     assert rows, result["rows"]
-    assert {r["method"] for r in rows} >= {"favorcore-numpy"}
+    assert {r["method"] for r in rows} >= {"favorcore-numpy", "favorcore++-numpy"}
+    costs = [r for r in result["ratios"] if r["method"] == "favorcore++-numpy"]
+    assert len(costs) == 4  # 2 lengths x 2 modes, each against FAVOR+
+    assert all(c["cost"] > 0 for c in costs)
     for r in rows:
         assert r["median_s"] > 0
         assert r["peak_mib"] >= 0
