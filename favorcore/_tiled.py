@@ -30,6 +30,7 @@ from typing import Any
 
 from ._compat import Array, device, stop_gradient
 from ._linear import causal_sums, normalise
+from .balance import Balance
 from .features import _key_bound
 
 __all__ = ["TiledOps", "tiled_attention"]
@@ -70,6 +71,10 @@ class TiledOps:
             kf, v1 = xp.where(keep, kf, 0.0), xp.where(keep, v1, 0.0)
         return kf, v1
 
+    def transform(self, xp: ModuleType, y: Array, t: Array) -> Array:
+        """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
+        return y @ t[:-1, :] + t[-1:, :]
+
     def query_block(self, xp: ModuleType, x: Array, wq: Array) -> Array:
         """``phi(Q_b) = exp(e - max_row(e))`` with ``e = [x, 1] @ wq`` (may be a buffer)."""
         col = xp.ones((x.shape[0], 1), dtype=x.dtype, device=device(x))
@@ -108,14 +113,21 @@ def _segments(length: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _exponent_matrices(
-    xp: ModuleType, w: Array, root: float, a: float | Array, batch: tuple[int, ...], n_rows: int
+    xp: ModuleType,
+    w: Array,
+    root: float,
+    a: float | Array,
+    batch: tuple[int, ...],
+    n_rows: int,
+    query: Array | None = None,
 ) -> tuple[Array, Array]:
     """The keys' and queries' exponent matrices ``(R, d + 2, m)``, ``(R, d + 1, m)``.
 
-    ``R`` is 1 for a float ``a``, else one per batch row. With ``b = sqrt(1 - 4A)`` and
-    the map's terms (:func:`favorcore.features._positive_pair`): keys
-    ``[y, -root^2 |y|^2 / 2, 1] @ [b root W^T; 1; A |w|^2 - c - log sqrt(m)]``, queries
-    ``[x, 1] @ [b root W^T; A |w|^2 + c]``.
+    ``R`` is 1 for a float ``a`` (and no ``query``), else one per batch row. With
+    ``b = sqrt(1 - 4A)`` and the map's terms (:func:`favorcore.features._positive_pair`):
+    keys ``[y, -root^2 |y|^2 / 2, 1] @ [b root W^T; 1; A |w|^2 - c - log sqrt(m)]``,
+    queries ``[x, 1] @ [Q b root W^T; A |w|^2 + c]`` with ``Q`` the balance's query matrix
+    per batch row ``(n_rows, d, d)`` (identity when None).
     """
     dtype, dev, m = w.dtype, device(w), w.shape[0]
     sq = xp.reshape(xp.sum(w * w, axis=-1), (1, 1, m))
@@ -132,7 +144,9 @@ def _exponent_matrices(
     w_t = xp.matrix_transpose(w)[None, ...] * (b * root)
     ones = xp.ones((w_t.shape[0], 1, m), dtype=dtype, device=dev)
     wk = xp.concat([w_t, ones, bias - offset - 0.5 * math.log(m)], axis=1)
-    wq = xp.concat([w_t, bias + offset], axis=1)
+    if query is not None:
+        w_t = query @ w_t
+    wq = xp.concat([w_t, xp.broadcast_to(bias + offset, (w_t.shape[0], 1, m))], axis=1)
     return wk, wq
 
 
@@ -151,6 +165,7 @@ def tiled_attention(
     chunk: int,
     kv0: Array | None,
     batch: tuple[int, ...],
+    balance: Balance | None = None,
 ) -> tuple[Array, Array, Array]:
     """Normalised FAVOR+ attention ``(out, kv, small)`` in the compute dtype of ``x``.
 
@@ -160,6 +175,9 @@ def tiled_attention(
     ``x``, ``y``, ``v`` are unscaled, in the compute dtype; ``mask`` is ``(..., Lk, 1)``
     boolean or None; ``w`` is the map's matrix (``[W; -W]`` if antithetic); ``a`` the
     exponent's ``A`` (0: FAVOR+; FAVOR++: a float or an array ``batch + (1, 1)``).
+    ``balance`` is applied on the way: its query matrix folded into the queries' exponent
+    matrix, its key transform run on each block of keys (:meth:`TiledOps.transform`), so
+    that the balanced rows are never stored.
     """
     dtype, dev = x.dtype, device(x)
     n_rows = math.prod(batch)
@@ -173,13 +191,30 @@ def tiled_attention(
     m3 = None if mask is None else flat(mask, lk, 1)
     kv3 = None if kv0 is None else xp.reshape(kv0, (n_rows, m, dv + 1))
 
-    wk, wq = _exponent_matrices(xp, w, root, a, batch, n_rows)
-    half_root_sq = 0.5 * root * root
+    tk = None  # keys' transform [root M^-1; -c] per batch row
+    if balance is None:
+        wk, wq = _exponent_matrices(xp, w, root, a, batch, n_rows)
+        half_root_sq = 0.5 * root * root
+    else:  # keys enter already balanced and scaled; M (and root) fold into the queries'
+
+        def rows_of(t: Array, shape: tuple[int, int]) -> Array:
+            t = xp.astype(t, dtype, copy=False)
+            return xp.reshape(xp.broadcast_to(t, (*batch, *shape)), (n_rows, *shape))
+
+        wk, _ = _exponent_matrices(xp, w, 1.0, a, batch, n_rows)
+        _, wq = _exponent_matrices(
+            xp, w, 1.0, a, batch, n_rows, rows_of(balance.query, (d, d)) * root
+        )
+        tk = xp.concat(
+            [rows_of(balance.key, (d, d)) * root, -rows_of(balance.shift, (1, d))], axis=1
+        )
+        half_root_sq = 0.5
 
     def keys(n: int, lo: int, hi: int) -> tuple[Array, Array]:
         keep = None if m3 is None else m3[n, lo:hi, :]
         wk_n = wk[n % wk.shape[0], ...]
-        return ops.key_block(xp, y3[n, lo:hi, :], v3[n, lo:hi, :], keep, wk_n, half_root_sq)
+        y = y3[n, lo:hi, :] if tk is None else ops.transform(xp, y3[n, lo:hi, :], tk[n, ...])
+        return ops.key_block(xp, y, v3[n, lo:hi, :], keep, wk_n, half_root_sq)
 
     def queries(n: int, lo: int, hi: int) -> Array:
         return ops.query_block(xp, x3[n, lo:hi, :], wq[n % wq.shape[0], ...])

@@ -529,13 +529,17 @@ def favor_attention(
     Examples
     --------
     >>> import numpy as np
-    >>> from favorcore import PositiveFeatures, favor_attention, softmax_attention
+    >>> from favorcore import OptimalPositiveFeatures, PositiveFeatures
+    >>> from favorcore import favor_attention, softmax_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 128, 16)) for _ in range(3))
-    >>> q, k = 0.3 * q, 0.3 * k  # FAVOR+'s variance grows like exp(|q + k|^2 / sqrt(d))
-    >>> out = favor_attention(q, k, v, features=PositiveFeatures(m=256, seed=0))
+    >>> q, k = 0.3 * q, 0.3 * k  # FAVOR's variance grows like exp(|q + k|^2 / sqrt(d))
     >>> ref = softmax_attention(q, k, v)
-    >>> print(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.3f}")
+    >>> out = favor_attention(q, k, v, features=OptimalPositiveFeatures(m=256, seed=0))
+    >>> print(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.3f}")  # the default
+    0.012
+    >>> plus = favor_attention(q, k, v, features=PositiveFeatures(m=256, seed=0), balance=False)
+    >>> print(f"{np.linalg.norm(plus - ref) / np.linalg.norm(ref):.3f}")  # plain FAVOR+
     0.040
 
     Process a sequence in two pieces, as one would prefill and then decode:
@@ -579,13 +583,7 @@ def favor_attention(
         stats = balance_statistics(
             q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
         )
-    spread = None
-    if isinstance(stats, Balance):
-        spread = stats.spread
-        if mask is not None:  # padding may hold NaN: keep it out of the products
-            y = xp.where(mask, y, 0.0)
-        x, y = apply_balance(x, y, stats, scale=root * root)
-        root = 1.0
+    given_stats = stats if isinstance(stats, Balance) else None
     w = (
         features.projection_like(x)
         if projection is None
@@ -595,15 +593,21 @@ def favor_attention(
     a: float | Array = 0.0
     if positive:  # FAVOR+ (A = 0) and FAVOR++: one exponent, A from the map or the data
         a = features.coefficient(  # type: ignore[attr-defined]
-            x * root, y * root, key_mask=key_mask, query_mask=query_mask, spread=spread
-        )
+            x, y, key_mask=key_mask, query_mask=query_mask, scale=root * root,
+            spread=None if given_stats is None else given_stats.spread,
+        )  # fmt: skip
     ops = lookup(xp, "tiled") if positive and math.prod(batch) > 0 else None
     if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
         out, kv, small = tiled_attention(
             xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask, chunk=chunk,
-            kv0=kv0, batch=batch,
+            kv0=kv0, batch=batch, balance=given_stats,
         )  # fmt: skip
     else:
+        if given_stats is not None:
+            if mask is not None:  # padding may hold NaN: keep it out of the products
+                y = xp.where(mask, y, 0.0)
+            x, y = apply_balance(x, y, given_stats, scale=root * root)
+            root = 1.0
         if mask is not None:  # garbage in padding must not reach the features (or gradients)
             y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
         qf, kf = (

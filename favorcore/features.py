@@ -375,10 +375,12 @@ class PositiveFeatures(FeatureMap):
         key_mask: Array | None = None,
         query_mask: Array | None = None,
         spread: Array | None = None,
+        scale: float = 1.0,
     ) -> float | Array:
-        """The exponent's ``A`` for scaled rows ``x``, ``y``: 0 for FAVOR+ (a float, or
-        a constant array ``batch + (1, 1)`` for data-dependent maps, which take it from
-        ``spread`` = ``mean_ij |x_i + y_j|^2`` when given, e.g. :attr:`Balance.spread`)."""
+        """The exponent's ``A`` for the rows ``sqrt(scale) x``, ``sqrt(scale) y``: 0 for
+        FAVOR+ (a float, or a constant array ``batch + (1, 1)`` for data-dependent maps,
+        which take it from ``spread`` = ``mean_ij |x_i + y_j|^2`` of the scaled rows when
+        given, e.g. :attr:`Balance.spread`)."""
         return 0.0
 
     def phi(self, x: Array) -> Array:
@@ -433,9 +435,15 @@ class OptimalPositiveFeatures(PositiveFeatures):
 
     @staticmethod
     def optimal_a(
-        x: Array, y: Array, *, key_mask: Array | None = None, query_mask: Array | None = None
+        x: Array,
+        y: Array,
+        *,
+        key_mask: Array | None = None,
+        query_mask: Array | None = None,
+        scale: float = 1.0,
     ) -> Array:
-        """``A*`` for scaled rows ``x`` and ``y``, shape ``batch + (1, 1)`` (a constant).
+        """``A*`` for the rows ``sqrt(scale) x`` and ``sqrt(scale) y``, shape
+        ``batch + (1, 1)`` (a constant).
 
         ``key_mask`` ``(..., Lk)`` and ``query_mask`` ``(..., Lq)`` (True = a real token)
         leave padding out of the statistic.
@@ -448,7 +456,7 @@ class OptimalPositiveFeatures(PositiveFeatures):
         sq_y = row_mean(xp, xp.sum(y * y, axis=-1, keepdims=True), key_mask)
         mean_y = row_mean(xp, y, key_mask)
         rho = (sq_x + sq_y + 2 * xp.sum(mean_x * mean_y, axis=-1, keepdims=True)) / x.shape[-1]
-        return stop_gradient(xp, _a_star(xp, rho))
+        return stop_gradient(xp, _a_star(xp, rho * scale))
 
     def coefficient(
         self,
@@ -458,9 +466,11 @@ class OptimalPositiveFeatures(PositiveFeatures):
         key_mask: Array | None = None,
         query_mask: Array | None = None,
         spread: Array | None = None,
+        scale: float = 1.0,
     ) -> float | Array:
-        """The fixed ``a``; else ``A*`` of ``spread`` (``mean_ij |x_i + y_j|^2``, as
-        :attr:`Balance.spread`) when given, or :meth:`optimal_a` of these rows."""
+        """The fixed ``a``; else ``A*`` of ``spread`` (``mean_ij |x_i + y_j|^2`` of the
+        scaled rows, as :attr:`Balance.spread`) when given, or :meth:`optimal_a` of the
+        rows ``sqrt(scale) x``, ``sqrt(scale) y``."""
         if self.a is not None:
             return self.a
         if spread is not None:
@@ -470,7 +480,7 @@ class OptimalPositiveFeatures(PositiveFeatures):
             raise ValueError(
                 "a data-dependent OptimalPositiveFeatures needs queries and keys in one call"
             )
-        return self.optimal_a(x, y, key_mask=key_mask, query_mask=query_mask)
+        return self.optimal_a(x, y, key_mask=key_mask, query_mask=query_mask, scale=scale)
 
     def phi(self, x: Array) -> Array:
         """Unbiased features for a fixed ``a`` (a data-dependent map has no single phi)."""

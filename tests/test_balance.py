@@ -45,13 +45,14 @@ def test_balance_and_shift_leave_exact_attention_unchanged(
         cov_x, cov_y = np.cov(xs.T, bias=True), np.cov(ys.T, bias=True)
         if kind == "scalar":  # equal total variances
             np.testing.assert_allclose(np.trace(cov_x), np.trace(cov_y), rtol=1e-10)
-        else:  # M^2 (C_x + r_x I) M^2 = C_y + r_y I with the ridges r = 1e-2 tr(C) / d:
-            # the balanced covariances are equal but for r_x M^2 - r_y M^-2
+        else:  # G (C_x + r_x I) G = C_y + r_y I, G = M M^T, ridges r = 1e-2 tr(C) / d:
+            # the balanced covariances are equal but for r_x M^T M - r_y M^-1 M^-T
             m, m_inv = to_numpy(stats.query)[row], to_numpy(stats.key)[row]
+            np.testing.assert_allclose(m @ m_inv.T, np.eye(16), atol=1e-12)
             r_x = 1e-2 * np.trace(np.cov(q[row].T, bias=True) / 4) / 16
             r_y = 1e-2 * np.trace(np.cov(k[row][mask[row]].T, bias=True) / 4) / 16
             np.testing.assert_allclose(
-                cov_y - cov_x, r_x * m @ m - r_y * m_inv @ m_inv, rtol=0, atol=1e-13
+                cov_y - cov_x, r_x * m.T @ m - r_y * m_inv.T @ m_inv, rtol=0, atol=1e-13
             )
         # the shift centres x + y; spread is the mean of |x_i + y_j|^2 over all pairs
         pairs = xs[:, None, :] + ys[None, :, :]

@@ -35,7 +35,7 @@ def test_demo_prints_the_table() -> None:
     assert len(rows) == 4
     assert {r["mode"] for r in rows} == {"bidirectional", "causal"}
     for r in rows:
-        assert 0 < r["rel_error"] < 1.5  # FAVOR+ at m=32 is rough, but not garbage
+        assert 0 < r["rel_error"] < 1.5  # FAVOR++ at m=32 is rough, but not garbage
         assert r["favor_s"] > 0
         assert r["exact_s"] > 0
         assert f"{r['L']:>7} {r['mode']:<14} {r['rel_error']:>10.4f}" in text

@@ -23,7 +23,7 @@ class SmallOps(TiledOps):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("block", "workers"), [(7, 1), (5, 4), (64, 3)])
-@pytest.mark.parametrize("kind", ["favor+", "hyperbolic", "favor++"])
+@pytest.mark.parametrize("kind", ["favor+", "hyperbolic", "favor++", "favor++ balanced"])
 def test_engine_equals_core_path(
     backend: Backend,
     rng: np.random.Generator,
@@ -45,24 +45,32 @@ def test_engine_equals_core_path(
         "hyperbolic": fc.hyperbolic_features(16, seed=3),
         # bidirectional: A per batch row and head from the data; causal needs a fixed A
         "favor++": fc.OptimalPositiveFeatures(m=16, seed=3, a=-0.3 if causal else None),
+        # given statistics: the engine folds M into the queries, transforms keys per block
+        "favor++ balanced": fc.OptimalPositiveFeatures(m=16, seed=3),
     }[kind]
-    carry = not fmap.data_dependent  # a data-dependent A cannot carry a state
     a = backend.asarray
     key_mask = None if mask is None else a(mask)
+    stats = (
+        fc.balance_statistics(a(q), a(k), key_mask=key_mask, scale=0.3)
+        if kind == "favor++ balanced"
+        else None
+    )
+    carry = stats is not None or not fmap.data_dependent  # else no state can be carried
     with fc.fast_paths(False):
         want = fc.favor_attention(
             a(q), a(k), a(v), features=fmap, causal=causal, key_mask=key_mask, chunk_size=4,
             return_state=carry, state=None if kv0 is None else fc.AttentionState(a(kv0)), scale=0.3,
-            balance=False,
+            balance=False if stats is None else stats,
         )  # fmt: skip
     x, y, vv = a(q), a(k), a(v)
     root = math.sqrt(0.3)
-    coef = fmap.coefficient(x * root, y * root, key_mask=key_mask)
+    spread = None if stats is None else stats.spread
+    coef = fmap.coefficient(x * root, y * root, key_mask=key_mask, spread=spread)
     dtype = compute_dtype(xp, x.dtype)
     out, kv, _ = tiled_attention(
         xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=root, a=coef,
         causal=causal, mask=None if mask is None else key_mask[..., None], chunk=4,
-        kv0=None if kv0 is None else a(kv0), batch=(2, 3),
+        kv0=None if kv0 is None else a(kv0), batch=(2, 3), balance=stats,
     )  # fmt: skip
     assert out.dtype == dtype
     if carry:

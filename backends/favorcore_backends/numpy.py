@@ -77,6 +77,12 @@ class NumpyOps(TiledOps):
             v1[drop] = 0.0
         return kf, v1
 
+    def transform(self, xp: ModuleType, y: Any, t: Any) -> Any:
+        """Balanced keys ``[y, 1] @ t`` in this thread's buffer."""
+        out = np.matmul(y, t[:-1], out=self._buffer("kt", y.shape[0], t.shape[1], y.dtype))
+        out += t[-1]
+        return out
+
     def query_block(self, xp: Any, x: Any, wq: Any) -> Any:
         """Queries' features in this thread's buffer: one matmul, one ``exp``.
 

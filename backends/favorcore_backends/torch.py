@@ -86,6 +86,12 @@ class TorchOps(TiledOps):
             v1[drop] = 0.0
         return kf, v1
 
+    def transform(self, xp: Any, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self._recording(y, t):
+            plain: torch.Tensor = super().transform(xp, y, t)
+            return plain
+        return torch.addmm(t[-1], y, t[:-1])
+
     def query_block(self, xp: Any, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         if self._recording(x, wq):
             qf: torch.Tensor = super().query_block(xp, x, wq)
