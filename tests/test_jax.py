@@ -211,3 +211,23 @@ def test_feature_matrix_and_flax_reject_bad_arguments() -> None:
         ValueError, match=r"qkv_features \(8\) must be a multiple of num_heads \(3\)"
     ):
         layer.init(jax.random.key(0), jnp.ones((1, 4, 8)))
+
+
+def test_flax_default_map_and_calibrated_causal_statistics() -> None:
+    # Default FAVOR++: bidirectional calls balance themselves; causal calls use A = 0, or
+    # the statistics of a calibration batch (calibrate=True), and stay causal.
+    layer = fflax.FavorSelfAttention(num_heads=2, causal=True, dtype=jnp.float64)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 12, 8)))
+    variables = layer.init(jax.random.key(0), x)
+    calib = jnp.asarray(np.random.default_rng(6).standard_normal((4, 20, 8)))
+    stats = layer.apply(variables, calib, calibrate=True)
+    assert stats.query.shape == (1, 2, 4, 4)
+    out = layer.apply(variables, x, balance=stats)
+    later = x.at[:, 7:].set(5.0)
+    np.testing.assert_allclose(layer.apply(variables, later, balance=stats)[:, :7], out[:, :7],
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    plain = layer.apply(variables, x)  # no statistics: A = 0, unbalanced
+    assert np.isfinite(plain).all()
+    assert not np.allclose(plain, out)
+    jitted = jax.jit(lambda v, x, s: layer.apply(v, x, balance=s))(variables, x, stats)
+    np.testing.assert_allclose(jitted, out, rtol=1e-10, atol=1e-12)
