@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 from ._compat import Array, device, stop_gradient
 
-__all__ = ["causal_sums", "normalise"]
+__all__ = ["causal_sums", "normalise", "prefix_sums"]
 
 
 def normalise(xp: ModuleType, out1: Array, dv: int, kv: Array | None = None) -> Array:
@@ -41,8 +42,19 @@ def normalise(xp: ModuleType, out1: Array, dv: int, kv: Array | None = None) -> 
     return xp.where(ok | xp.isnan(den), value, 0.0)
 
 
+def prefix_sums(xp: ModuleType, sums: Array) -> Array:
+    """Sums over axis -3 before each position and the total: ``n + 1`` entries."""
+    return xp.cumulative_sum(sums, axis=-3, include_initial=True)
+
+
 def _causal_blocks(
-    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
+    xp: ModuleType,
+    qf: Array,
+    kf: Array,
+    v1: Array,
+    kv0: Array | None,
+    c: int,
+    prefix: Callable[[ModuleType, Array], Array] = prefix_sums,
 ) -> tuple[Array, Array]:
     """Causal linear attention over ``L = n * c`` positions; returns ``(out1, kv)``."""
     batch, length, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
@@ -50,7 +62,7 @@ def _causal_blocks(
     qc = xp.reshape(qf, (*batch, n, c, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
-    sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
+    sums = prefix(xp, xp.matrix_transpose(kc) @ vc)
     prefix = sums[..., :n, :, :]
     total = sums[..., n, :, :]
     if kv0 is not None:
@@ -64,11 +76,18 @@ def _causal_blocks(
 
 
 def causal_sums(
-    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, chunk: int
+    xp: ModuleType,
+    qf: Array,
+    kf: Array,
+    v1: Array,
+    kv0: Array | None,
+    chunk: int,
+    prefix: Callable[[ModuleType, Array], Array] = prefix_sums,
 ) -> tuple[Array, Array]:
     """Unnormalised causal linear attention ``(out1, kv)`` for any length (equal batch dims).
 
-    Full chunks of ``chunk`` positions, then one shorter chunk that carries the state.
+    Full chunks of ``chunk`` positions, then one shorter chunk that carries the state;
+    ``prefix`` computes the chunks' prefix sums (:func:`prefix_sums`).
     """
     length = qf.shape[-2]
     split = (length // chunk) * chunk
@@ -76,12 +95,18 @@ def causal_sums(
     kv = kv0
     if split:
         out_main, kv = _causal_blocks(
-            xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk
+            xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk, prefix
         )
         pieces.append(out_main)
     if split < length:
         out_tail, kv = _causal_blocks(
-            xp, qf[..., split:, :], kf[..., split:, :], v1[..., split:, :], kv, length - split
+            xp,
+            qf[..., split:, :],
+            kf[..., split:, :],
+            v1[..., split:, :],
+            kv,
+            length - split,
+            prefix,
         )
         pieces.append(out_tail)
     if not pieces:  # length 0

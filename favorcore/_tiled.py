@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from ._compat import Array, device, stop_gradient
-from ._linear import causal_sums, normalise
+from ._linear import causal_sums, normalise, prefix_sums
 from .balance import Balance
 from .features import _key_bound
 
@@ -70,6 +70,10 @@ class TiledOps:
         if keep is not None:
             kf, v1 = xp.where(keep, kf, 0.0), xp.where(keep, v1, 0.0)
         return kf, v1
+
+    def prefix(self, xp: ModuleType, sums: Array) -> Array:
+        """Prefix sums of causal chunks' key sums (:func:`favorcore._linear.prefix_sums`)."""
+        return prefix_sums(xp, sums)
 
     def transform(self, xp: ModuleType, y: Array, t: Array) -> Array:
         """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
@@ -284,7 +288,7 @@ def tiled_attention(
             state, outs = starts[n][j], []
             for s, e in blocks(lo, hi):
                 kf, v1 = keys(n, s, e)
-                o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk)
+                o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk, ops.prefix)
                 outs.append(finish(o, n, s, e, state))
             return outs, state
 

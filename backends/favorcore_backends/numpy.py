@@ -77,6 +77,19 @@ class NumpyOps(TiledOps):
             v1[drop] = 0.0
         return kf, v1
 
+    def prefix(self, xp: ModuleType, sums: Any) -> Any:
+        """Prefix sums over the (few) chunks of a block, one in-place add each.
+
+        ``np.cumsum`` over a leading axis runs its inner loop along that short axis, one
+        element at a time, which costs as much as a matmul of the block here.
+        """
+        n = sums.shape[-3]
+        out = np.empty((*sums.shape[:-3], n + 1, *sums.shape[-2:]), dtype=sums.dtype)
+        out[..., 0, :, :] = 0.0
+        for i in range(n):
+            np.add(out[..., i, :, :], sums[..., i, :, :], out=out[..., i + 1, :, :])
+        return out
+
     def transform(self, xp: ModuleType, y: Any, t: Any) -> Any:
         """Balanced keys ``[y, 1] @ t`` in this thread's buffer."""
         out = np.matmul(y, t[:-1], out=self._buffer("kt", y.shape[0], t.shape[1], y.dtype))
