@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from types import ModuleType
 
 from ._compat import Array, device, stop_gradient
@@ -54,7 +53,6 @@ def _causal_blocks(
     v1: Array,
     kv0: Array | None,
     c: int,
-    prefix: Callable[[ModuleType, Array], Array] = prefix_sums,
 ) -> tuple[Array, Array]:
     """Causal linear attention over ``L = n * c`` positions; returns ``(out1, kv)``."""
     batch, length, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
@@ -62,7 +60,7 @@ def _causal_blocks(
     qc = xp.reshape(qf, (*batch, n, c, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
-    sums = prefix(xp, xp.matrix_transpose(kc) @ vc)
+    sums = prefix_sums(xp, xp.matrix_transpose(kc) @ vc)
     prefix = sums[..., :n, :, :]
     total = sums[..., n, :, :]
     if kv0 is not None:
@@ -82,12 +80,10 @@ def causal_sums(
     v1: Array,
     kv0: Array | None,
     chunk: int,
-    prefix: Callable[[ModuleType, Array], Array] = prefix_sums,
 ) -> tuple[Array, Array]:
     """Unnormalised causal linear attention ``(out1, kv)`` for any length (equal batch dims).
 
-    Full chunks of ``chunk`` positions, then one shorter chunk that carries the state;
-    ``prefix`` computes the chunks' prefix sums (:func:`prefix_sums`).
+    Full chunks of ``chunk`` positions, then one shorter chunk that carries the state.
     """
     length = qf.shape[-2]
     split = (length // chunk) * chunk
@@ -95,7 +91,7 @@ def causal_sums(
     kv = kv0
     if split:
         out_main, kv = _causal_blocks(
-            xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk, prefix
+            xp, qf[..., :split, :], kf[..., :split, :], v1[..., :split, :], kv, chunk
         )
         pieces.append(out_main)
     if split < length:
@@ -106,7 +102,6 @@ def causal_sums(
             v1[..., split:, :],
             kv,
             length - split,
-            prefix,
         )
         pieces.append(out_tail)
     if not pieces:  # length 0

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from ._compat import Array, device, stop_gradient
-from ._linear import causal_sums, normalise, prefix_sums
+from ._linear import causal_sums, normalise
 from .balance import Balance
 from .features import _key_bound
 
@@ -48,10 +48,13 @@ class TiledOps:
         Work items run concurrently by :meth:`map` (1: in order).
     block : int
         Rows per block.
+    chunk : int
+        Chunk length of causal attention when the caller gives none.
     """
 
     workers: int = 1
     block: int = 512
+    chunk: int = 128
 
     def key_block(
         self, xp: ModuleType, y: Array, v: Array, keep: Array | None, wk: Array, c: float
@@ -71,9 +74,12 @@ class TiledOps:
             kf, v1 = xp.where(keep, kf, 0.0), xp.where(keep, v1, 0.0)
         return kf, v1
 
-    def prefix(self, xp: ModuleType, sums: Array) -> Array:
-        """Prefix sums of causal chunks' key sums (:func:`favorcore._linear.prefix_sums`)."""
-        return prefix_sums(xp, sums)
+    def causal(
+        self, xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, chunk: int
+    ) -> tuple[Array, Array]:
+        """Unnormalised causal attention of a block and the state after it, ``(o, kv)``
+        (:func:`favorcore._linear.causal_sums`; ``o`` may be a buffer, ``kv`` is new)."""
+        return causal_sums(xp, qf, kf, v1, kv0, chunk)
 
     def transform(self, xp: ModuleType, y: Array, t: Array) -> Array:
         """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
@@ -101,8 +107,9 @@ class TiledOps:
         """``o[:, :dv] / o[:, dv:]`` (0 where that is <= 0), into ``out`` if :meth:`output` gave one."""
         return normalise(xp, o, dv, kv)
 
-    def output(self, xp: ModuleType, shape: tuple[int, ...], dtype: Any, dev: Any) -> Array | None:
-        """A writable output array for :meth:`answer` to fill, or None (blocks are joined)."""
+    def output(self, xp: ModuleType, shape: tuple[int, ...], *inputs: Array) -> Array | None:
+        """A writable output array (``inputs[0]``'s dtype and device) that :meth:`normalise`
+        fills, or None (blocks are joined); ``inputs`` are every array the result depends on."""
         return None
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -235,7 +242,7 @@ def tiled_attention(
         return kv
 
     parts = max(1, -(-ops.workers // n_rows))
-    dest = ops.output(xp, (n_rows, lq, dv), dtype, dev)
+    dest = ops.output(xp, (n_rows, lq, dv), x3, y3, v3, wk, wq)
     tiny = float(xp.finfo(dtype).smallest_normal)
 
     def finish(o: Array, n: int, s: int, e: int, kv: Array | None) -> tuple[Array, Array]:
@@ -288,7 +295,7 @@ def tiled_attention(
             state, outs = starts[n][j], []
             for s, e in blocks(lo, hi):
                 kf, v1 = keys(n, s, e)
-                o, state = causal_sums(xp, queries(n, s, e), kf, v1, state, chunk, ops.prefix)
+                o, state = ops.causal(xp, queries(n, s, e), kf, v1, state, chunk)
                 outs.append(finish(o, n, s, e, state))
             return outs, state
 

@@ -24,7 +24,7 @@ import warnings
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._compat import Array, compute_dtype, device, is_eager, is_floating, namespace
+from ._compat import Array, all_finite, compute_dtype, device, is_eager, is_floating, namespace
 from ._linear import causal_sums, normalise
 from ._registry import lookup
 from ._tiled import tiled_attention
@@ -47,8 +47,9 @@ __all__ = [
     "softmax_attention",
 ]
 
-#: Chunk length of causal attention when ``chunk_size`` is not given. Measured with
-#: ``python -m favorcore chunks`` (NumPy, 2 cores, d = 64, m = 256); see the docs.
+#: Chunk length of causal attention in the plain core path when ``chunk_size`` is not
+#: given (the adapters' fast paths use their own, :attr:`favorcore._tiled.TiledOps.chunk`).
+#: Measured with ``python -m favorcore chunks`` (2 cores, d = 64, m = 256); see the docs.
 DEFAULT_CHUNK_SIZE = 128
 
 
@@ -177,7 +178,7 @@ def _check_finite(xp: ModuleType, mask: Array | None, **arrays: Array) -> None:
     for name, a in arrays.items():
         keyed = name in ("k", "kf", "v")
         values = xp.where(mask, a, 0.0) if (keyed and mask is not None) else a
-        if not bool(xp.all(xp.isfinite(values))):
+        if not all_finite(xp, values):
             where = " at unmasked positions" if keyed else ""
             raise ValueError(
                 f"{name} holds NaN or inf{where}; pass check_finite=False to skip this check "
@@ -478,7 +479,9 @@ def favor_attention(
     scale : float, optional
         Logit scale; ``1/sqrt(d)`` when omitted, as in ``scaled_dot_product_attention``.
     chunk_size : int, optional
-        Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`).
+        Chunk length of causal attention; the result does not depend on it beyond
+        rounding. By default the backend's fast path picks its measured best (NumPy and
+        PyTorch: 64), the plain core path :data:`DEFAULT_CHUNK_SIZE`.
     state : AttentionState, optional
         Sums over keys given earlier: in causal calls the preceding tokens, in
         bidirectional calls more keys that every query attends to (other chunks of a
@@ -599,7 +602,8 @@ def favor_attention(
     ops = lookup(xp, "tiled") if positive and math.prod(batch) > 0 else None
     if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
         out, kv, small = tiled_attention(
-            xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask, chunk=chunk,
+            xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask,
+            chunk=ops.chunk if chunk_size is None else chunk,
             kv0=kv0, batch=batch, balance=given_stats,
         )  # fmt: skip
     else:

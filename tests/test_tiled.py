@@ -127,3 +127,26 @@ def test_fast_path_with_query_norms_from_tiny_to_huge(
         plain = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, causal=causal))
     assert np.isfinite(fast).all()
     np.testing.assert_allclose(fast, plain, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(200, 64), (128, 64), (30, 64), (1, 7), (0, 64)])
+def test_registered_causal_step_equals_core(
+    backend: Backend, rng: np.random.Generator, rows: int, chunk: int
+) -> None:
+    # An adapter's in-place causal step (buffers, in-place prefix and masking) against the
+    # standard one: full chunks, a shorter last chunk, with and without a carried state.
+    from favorcore._linear import causal_sums
+    from favorcore._registry import lookup
+
+    xp = backend.xp
+    ops = lookup(xp, "tiled")
+    if ops is None or type(ops).causal is TiledOps.causal:
+        pytest.skip(f"{backend.name} has no causal step of its own")
+    a = backend.asarray
+    qf, kf = a(rng.random((rows, 16))), a(rng.random((rows, 16)))
+    v1, kv0 = a(rng.standard_normal((rows, 6))), a(rng.random((16, 6)))
+    for state in (None, kv0):
+        o, kv = ops.causal(xp, qf, kf, v1, state, chunk)
+        o_ref, kv_ref = causal_sums(xp, qf, kf, v1, state, chunk)
+        np.testing.assert_allclose(to_numpy(o), to_numpy(o_ref), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(to_numpy(kv), to_numpy(kv_ref), rtol=1e-12, atol=1e-12)
