@@ -23,6 +23,7 @@ work items on several cores.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -55,6 +56,10 @@ class TiledOps:
     workers: int = 1
     block: int = 512
     chunk: int = 128
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered around a whole call: its statistics, coefficients and the engine."""
+        return contextlib.nullcontext()
 
     def key_block(
         self, xp: ModuleType, y: Array, v: Array, keep: Array | None, wk: Array, c: float

@@ -19,6 +19,7 @@ call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from types import ModuleType
@@ -573,58 +574,61 @@ def favor_attention(
     if check_finite:
         _check_finite(xp, mask, q=q, k=k, v=v)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
-    stats = _check_balance(xp, balance, features, causal, state, return_state, q, batch)
-    given = isinstance(stats, Balance) and stats.spread is not None
-    if features.data_dependent and not given and (causal or state is not None or return_state):
-        raise ValueError(
-            f"features: {type(features).__name__} computes statistics from each call's tokens, "
-            "which in causal attention would use the future and across calls would change the "
-            "carried state; give it fixed parameters (e.g. a=...) or pass balance= statistics "
-            "with a spread (balance_statistics of a calibration batch)"
-        )
-    if isinstance(stats, str):
-        stats = balance_statistics(
-            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
-        )
-    given_stats = stats if isinstance(stats, Balance) else None
-    w = (
-        features.projection_like(x)
-        if projection is None
-        else xp.astype(projection, dtype, copy=False)
-    )
     positive = isinstance(features, PositiveFeatures) and type(features) in _TILED_MAPS
-    a: float | Array = 0.0
-    if positive:  # FAVOR+ (A = 0) and FAVOR++: one exponent, A from the map or the data
-        a = features.coefficient(  # type: ignore[attr-defined]
-            x, y, key_mask=key_mask, query_mask=query_mask, scale=root * root,
-            spread=None if given_stats is None else given_stats.spread,
-        )  # fmt: skip
     ops = lookup(xp, "tiled") if positive and math.prod(batch) > 0 else None
-    if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
-        out, kv, small = tiled_attention(
-            xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask,
-            chunk=ops.chunk if chunk_size is None else chunk,
-            kv0=kv0, batch=batch, balance=given_stats,
-        )  # fmt: skip
-    else:
-        if given_stats is not None:
-            if mask is not None:  # padding may hold NaN: keep it out of the products
-                y = xp.where(mask, y, 0.0)
-            x, y = apply_balance(x, y, given_stats, scale=root * root)
-            root = 1.0
-        if mask is not None:  # garbage in padding must not reach the features (or gradients)
-            y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
-        qf, kf = (
-            _positive_pair(xp, x * root, y * root, _needs_projection(features, w), a)
-            if positive
-            else features.apply(
-                x * root, y * root, w, key_mask=key_mask, query_mask=query_mask, xp=xp
+    # the adapter's settings for the whole estimate (NumPy: single-threaded BLAS, so that
+    # no BLAS thread left spinning by the statistics competes with the engine's workers)
+    with contextlib.nullcontext() if ops is None else ops.context():
+        stats = _check_balance(xp, balance, features, causal, state, return_state, q, batch)
+        given = isinstance(stats, Balance) and stats.spread is not None
+        if features.data_dependent and not given and (causal or state is not None or return_state):
+            raise ValueError(
+                f"features: {type(features).__name__} computes statistics from each call's tokens, "
+                "which in causal attention would use the future and across calls would change the "
+                "carried state; give it fixed parameters (e.g. a=...) or pass balance= statistics "
+                "with a spread (balance_statistics of a calibration batch)"
             )
+        if isinstance(stats, str):
+            stats = balance_statistics(
+                q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
+            )
+        given_stats = stats if isinstance(stats, Balance) else None
+        w = (
+            features.projection_like(x)
+            if projection is None
+            else xp.astype(projection, dtype, copy=False)
         )
-        out, kv, den = _linear_core(
-            xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
-        )
-        small = den <= float(xp.finfo(den.dtype).smallest_normal)
+        a: float | Array = 0.0
+        if positive:  # FAVOR+ (A = 0) and FAVOR++: one exponent, A from the map or the data
+            a = features.coefficient(  # type: ignore[attr-defined]
+                x, y, key_mask=key_mask, query_mask=query_mask, scale=root * root,
+                spread=None if given_stats is None else given_stats.spread,
+            )  # fmt: skip
+        if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
+            out, kv, small = tiled_attention(
+                xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask,
+                chunk=ops.chunk if chunk_size is None else chunk,
+                kv0=kv0, batch=batch, balance=given_stats,
+            )  # fmt: skip
+        else:
+            if given_stats is not None:
+                if mask is not None:  # padding may hold NaN: keep it out of the products
+                    y = xp.where(mask, y, 0.0)
+                x, y = apply_balance(x, y, given_stats, scale=root * root)
+                root = 1.0
+            if mask is not None:  # garbage in padding must not reach the features (or gradients)
+                y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
+            qf, kf = (
+                _positive_pair(xp, x * root, y * root, _needs_projection(features, w), a)
+                if positive
+                else features.apply(
+                    x * root, y * root, w, key_mask=key_mask, query_mask=query_mask, xp=xp
+                )
+            )
+            out, kv, den = _linear_core(
+                xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
+            )
+            small = den <= float(xp.finfo(den.dtype).smallest_normal)
     if check_finite and is_eager(small):
         _warn_small_normaliser(xp, small, mask, causal, features)
     out = xp.astype(out, q.dtype, copy=False)
