@@ -22,6 +22,7 @@ _ADAPTERS = {
     "array_api_compat.numpy": "favorcore_backends.numpy",
     "numpy": "favorcore_backends.numpy",
     "array_api_compat.torch": "favorcore_backends.torch",
+    "jax.numpy": "favorcore_backends.jax",
 }
 
 _STEPS: dict[str, dict[str, Any]] = {}

@@ -51,11 +51,20 @@ class TiledOps:
         Rows per block.
     chunk : int
         Chunk length of causal attention when the caller gives none.
+    vectorized : bool
+        Blocks hold every batch row at once (``(n_rows, rows, d)``; the default steps
+        accept both) instead of one row at a time (``(rows, d)``, what the eager adapters'
+        steps expect).
     """
 
     workers: int = 1
     block: int = 512
     chunk: int = 128
+    vectorized: bool = False
+
+    def block_size(self, length: int) -> int:
+        """Rows per block for a sequence of ``length`` rows (:attr:`block`)."""
+        return self.block
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered around a whole call: its statistics, coefficients and the engine."""
@@ -71,7 +80,7 @@ class TiledOps:
         """
         if keep is not None:
             y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
-        col = xp.ones((y.shape[0], 1), dtype=y.dtype, device=device(y))
+        col = xp.ones((*y.shape[:-1], 1), dtype=y.dtype, device=device(y))
         sq = xp.sum(y * y, axis=-1, keepdims=True) * (-c)
         kf = xp.exp(xp.concat([y, sq, col], axis=-1) @ wk)
         v1 = xp.concat([v, col], axis=-1)
@@ -88,13 +97,13 @@ class TiledOps:
 
     def transform(self, xp: ModuleType, y: Array, t: Array) -> Array:
         """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
-        return y @ t[:-1, :] + t[-1:, :]
+        return y @ t[..., :-1, :] + t[..., -1:, :]
 
     def query_block(self, xp: ModuleType, x: Array, wq: Array) -> Array:
         """``phi(Q_b) = exp(e - max_row(e))`` with ``e = [x, 1] @ wq`` (may be a buffer)."""
-        col = xp.ones((x.shape[0], 1), dtype=x.dtype, device=device(x))
+        col = xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device(x))
         e = xp.concat([x, col], axis=-1) @ wq
-        if x.shape[0]:
+        if x.shape[-2]:
             e = e - stop_gradient(xp, xp.max(e, axis=-1, keepdims=True))
         return xp.exp(e)
 
@@ -226,101 +235,115 @@ def tiled_attention(
         )
         half_root_sq = 0.5
 
-    def keys(n: int, lo: int, hi: int) -> tuple[Array, Array]:
-        keep = None if m3 is None else m3[n, lo:hi, :]
-        wk_n = wk[n % wk.shape[0], ...]
-        y = y3[n, lo:hi, :] if tk is None else ops.transform(xp, y3[n, lo:hi, :], tk[n, ...])
-        return ops.key_block(xp, y, v3[n, lo:hi, :], keep, wk_n, half_root_sq)
+    # a group of batch rows is one row ``n`` (eager adapters: 2-D blocks, buffers) or
+    # every row at once (``ops.vectorized``: 3-D blocks, e.g. under jax.jit, so that the
+    # traced program has one copy of the block computation per block, not per row)
+    groups: list[Any] = [slice(None)] if ops.vectorized else list(range(n_rows))
+    lead: tuple[int, ...] = (n_rows,) if ops.vectorized else ()
 
-    def queries(n: int, lo: int, hi: int) -> Array:
-        return ops.query_block(xp, x3[n, lo:hi, :], wq[n % wq.shape[0], ...])
+    def pick(a: Array, g: Any) -> Array:
+        """``a`` (``(R, ...)``, R = 1 or n_rows) for group ``g``."""
+        return a if not isinstance(g, int) else a[g % a.shape[0], ...]
+
+    def keys(g: Any, lo: int, hi: int) -> tuple[Array, Array]:
+        keep = None if m3 is None else m3[g, lo:hi, :]
+        y = y3[g, lo:hi, :] if tk is None else ops.transform(xp, y3[g, lo:hi, :], pick(tk, g))
+        return ops.key_block(xp, y, v3[g, lo:hi, :], keep, pick(wk, g), half_root_sq)
+
+    def queries(g: Any, lo: int, hi: int) -> Array:
+        return ops.query_block(xp, x3[g, lo:hi, :], pick(wq, g))
+
+    size = ops.block_size(max(lq, lk))
 
     def blocks(lo: int, hi: int) -> list[tuple[int, int]]:
-        return [(s, min(s + ops.block, hi)) for s in range(lo, hi, ops.block)]
+        return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
 
-    def key_sums(item: tuple[int, int, int]) -> Array:
-        n, lo, hi = item
-        kv = xp.zeros((m, dv + 1), dtype=dtype, device=dev)
+    def zeros() -> Array:
+        return xp.zeros((*lead, m, dv + 1), dtype=dtype, device=dev)
+
+    def key_sums(item: tuple[Any, int, int]) -> Array:
+        g, lo, hi = item
+        kv = zeros()
         for s, e in blocks(lo, hi):
-            kf, v1 = keys(n, s, e)
+            kf, v1 = keys(g, s, e)
             kv = kv + ops.key_sums(xp, kf, v1)
         return kv
 
-    parts = max(1, -(-ops.workers // n_rows))
+    parts = max(1, -(-ops.workers // len(groups)))
     dest = ops.output(xp, (n_rows, lq, dv), x3, y3, v3, wk, wq)
     tiny = float(xp.finfo(dtype).smallest_normal)
 
-    def finish(o: Array, n: int, s: int, e: int, kv: Array | None) -> tuple[Array, Array]:
+    def finish(o: Array, g: Any, s: int, e: int, kv: Array | None) -> tuple[Array, Array]:
         """Normalise a block; also which rows had a normaliser <= tiny (set to 0)."""
-        small = o[:, dv:] <= tiny
-        return ops.normalise(xp, o, dv, None if dest is None else dest[n, s:e, :], kv), small
+        small = o[..., dv:] <= tiny
+        return ops.normalise(xp, o, dv, None if dest is None else dest[g, s:e, :], kv), small
 
     if not causal:
-        k_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lk, parts)]
-        partial = ops.map(key_sums, k_items)
+        k_segs = _segments(lk, parts)
+        partial = ops.map(key_sums, [(g, lo, hi) for g in groups for lo, hi in k_segs])
         totals = []
-        for n in range(n_rows):
-            total = (
-                kv3[n, ...] if kv3 is not None else xp.zeros((m, dv + 1), dtype=dtype, device=dev)
-            )
-            for (row, _, _), kv in zip(k_items, partial, strict=True):
-                if row == n:
-                    total = total + kv
+        for i, g in enumerate(groups):
+            total = zeros() if kv3 is None else kv3[g, ...]
+            for kv in partial[i * len(k_segs) : (i + 1) * len(k_segs)]:
+                total = total + kv
             totals.append(total)
 
-        def answer(item: tuple[int, int, int]) -> list[tuple[Array, Array]]:
-            n, lo, hi = item
+        def answer(item: tuple[int, Any, int, int]) -> list[tuple[Array, Array]]:
+            i, g, lo, hi = item
             return [
-                finish(ops.answer(xp, queries(n, s, e), totals[n]), n, s, e, totals[n])
+                finish(ops.answer(xp, queries(g, s, e), totals[i]), g, s, e, totals[i])
                 for s, e in blocks(lo, hi)
             ]
 
-        q_items = [(n, lo, hi) for n in range(n_rows) for lo, hi in _segments(lq, parts)]
-        answers = ops.map(answer, q_items)
+        answers = ops.map(
+            answer,
+            [(i, g, lo, hi) for i, g in enumerate(groups) for lo, hi in _segments(lq, parts)],
+        )
     else:
         segs = _segments(lq, parts)
         starts: list[list[Array | None]] = []
         if len(segs) > 1:
-            partial = ops.map(
-                key_sums, [(n, lo, hi) for n in range(n_rows) for lo, hi in segs[:-1]]
-            )
-        for n in range(n_rows):
-            run: Array | None = None if kv3 is None else kv3[n, ...]
+            partial = ops.map(key_sums, [(g, lo, hi) for g in groups for lo, hi in segs[:-1]])
+        for i, g in enumerate(groups):
+            run: Array | None = None if kv3 is None else kv3[g, ...]
             seg_starts = [run]
             for j in range(len(segs) - 1):
-                kv = partial[n * (len(segs) - 1) + j]
+                kv = partial[i * (len(segs) - 1) + j]
                 run = kv if run is None else run + kv
                 seg_starts.append(run)
             starts.append(seg_starts)
 
         def run_causal(
-            item: tuple[int, int, int, int],
+            item: tuple[int, Any, int, int, int],
         ) -> tuple[list[tuple[Array, Array]], Array | None]:
-            n, j, lo, hi = item
-            state, outs = starts[n][j], []
+            i, g, j, lo, hi = item
+            state, outs = starts[i][j], []
             for s, e in blocks(lo, hi):
-                kf, v1 = keys(n, s, e)
-                o, state = ops.causal(xp, queries(n, s, e), kf, v1, state, chunk)
-                outs.append(finish(o, n, s, e, state))
+                kf, v1 = keys(g, s, e)
+                o, state = ops.causal(xp, queries(g, s, e), kf, v1, state, chunk)
+                outs.append(finish(o, g, s, e, state))
             return outs, state
 
         results = ops.map(
-            run_causal, [(n, j, lo, hi) for n in range(n_rows) for j, (lo, hi) in enumerate(segs)]
+            run_causal,
+            [(i, g, j, lo, hi) for i, g in enumerate(groups) for j, (lo, hi) in enumerate(segs)],
         )
         answers = [outs for outs, _ in results]
         totals = []
-        for n in range(n_rows):
-            last = results[n * len(segs) + len(segs) - 1][1]
-            totals.append(xp.zeros((m, dv + 1), dtype=dtype, device=dev) if last is None else last)
+        for i in range(len(groups)):
+            last = results[i * len(segs) + len(segs) - 1][1]
+            totals.append(zeros() if last is None else last)
     kv = xp.reshape(xp.stack(totals), (*batch, m, dv + 1))
-    per_row = len(answers) // n_rows
+    per_group = len(answers) // len(groups)
 
     def join(part: int, width: int, kind: Any) -> Array:
         rows = []
-        for n in range(n_rows):
-            pieces = [b[part] for item in answers[n * per_row : (n + 1) * per_row] for b in item]
-            rows.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0) if pieces else
-                        xp.zeros((0, width), dtype=kind, device=dev))  # fmt: skip
+        for i in range(len(groups)):
+            pieces = [
+                b[part] for item in answers[i * per_group : (i + 1) * per_group] for b in item
+            ]
+            rows.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2) if pieces else
+                        xp.zeros((*lead, 0, width), dtype=kind, device=dev))  # fmt: skip
         return xp.reshape(xp.stack(rows), (*batch, lq, width))
 
     small = join(1, 1, xp.bool)

@@ -14,15 +14,17 @@ from favorcore._tiled import TiledOps, tiled_attention
 
 
 class SmallOps(TiledOps):
-    """The standard-only steps, with tiny blocks and several work items per row."""
+    """The standard-only steps, with tiny blocks and several work items per row (or every
+    row in one block: ``vectorized``)."""
 
-    def __init__(self, block: int, workers: int) -> None:
-        self.block, self.workers = block, workers
+    def __init__(self, block: int, workers: int, vectorized: bool = False) -> None:
+        self.block, self.workers, self.vectorized = block, workers, vectorized
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize(("block", "workers"), [(7, 1), (5, 4), (64, 3)])
+@pytest.mark.parametrize(("block", "workers", "vectorized"),
+                         [(7, 1, False), (5, 4, False), (64, 3, False), (7, 1, True), (5, 3, True)])  # fmt: skip
 @pytest.mark.parametrize("kind", ["favor+", "hyperbolic", "favor++", "favor++ balanced"])
 def test_engine_equals_core_path(
     backend: Backend,
@@ -31,6 +33,7 @@ def test_engine_equals_core_path(
     masked: bool,
     block: int,
     workers: int,
+    vectorized: bool,
     kind: str,
 ) -> None:
     xp = backend.xp
@@ -68,7 +71,7 @@ def test_engine_equals_core_path(
     coef = fmap.coefficient(x * root, y * root, key_mask=key_mask, spread=spread)
     dtype = compute_dtype(xp, x.dtype)
     out, kv, _ = tiled_attention(
-        xp, SmallOps(block, workers), x, y, vv, w=fmap.projection_like(x), root=root, a=coef,
+        xp, SmallOps(block, workers, vectorized), x, y, vv, w=fmap.projection_like(x), root=root, a=coef,
         causal=causal, mask=None if mask is None else key_mask[..., None], chunk=4,
         kv0=None if kv0 is None else a(kv0), batch=(2, 3), balance=stats,
     )  # fmt: skip

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from favorcore import FeatureMap
+from favorcore import FeatureMap, register_step
+from favorcore._tiled import TiledOps
 from favorcore.projection import (
     NORM_KINDS,
     PROJECTION_KINDS,
@@ -26,7 +27,33 @@ from favorcore.projection import (
     simplex_directions,
 )
 
-__all__ = ["draw_projection", "feature_matrix"]
+__all__ = ["JaxOps", "draw_projection", "feature_matrix"]
+
+
+class JaxOps(TiledOps):
+    """Tiled-engine steps for JAX: the standard ones, every batch row in one block.
+
+    Blocks of the sequence keep the ``L x m`` features out of memory and every pass over
+    them in cache, as on the other backends (2.5x faster than the plain core path under
+    ``jit`` at L = 16384); holding all batch rows in one block keeps the traced program to
+    one copy of the block computation per block of the sequence.
+    """
+
+    vectorized = True
+    #: rows per block, measured under jit at L = 16384 (bidirectional / causal ms):
+    #: 512 -> 215 / 368, 1024 -> 208 / 362, 2048 -> 199 / 407, 4096 -> 241 / 606
+    block = 1024
+    #: at most this many blocks per sequence: the traced program (and its compile time,
+    #: 1.3 s bidirectional, 1.9 s causal at 16 blocks) grows with their number
+    max_blocks = 32
+    chunk = 128
+
+    def block_size(self, length: int) -> int:
+        """:attr:`block`, or larger for sequences of more than :attr:`max_blocks` blocks."""
+        return max(self.block, -(-length // self.max_blocks))
+
+
+register_step("jax.numpy", "tiled", JaxOps())
 
 
 def _orthogonal_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:
