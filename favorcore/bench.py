@@ -8,7 +8,8 @@ thread count for everyone, and reports per case
 * the peak memory of one call: the subprocess's peak resident set during the call minus
   its resident set just before it (tracemalloc sees neither PyTorch nor JAX);
 * the effective rate ``8 L m d heads / time`` (DESIGN.md section 5) and that rate as a
-  percentage of the backend's float32 GEMM rate (a 4096^3 matmul) measured in the same run;
+  percentage of the backend's float32 GEMM rate (a 4096^3 matmul) measured in the case's
+  own subprocess just before it (the machine's speed drifts during a run);
 
 then the ratios favorcore/peer and favorcore/exact, pair by pair. ``favorcore-*`` run
 FAVOR+ (``PositiveFeatures``, no balance: the peers' algorithm); ``favorcore++-*`` run
@@ -65,11 +66,10 @@ def _reset_peak() -> float:
     return _status_mib("VmRSS")
 
 
-def _gemm_rate(backend: str, repeats: int = 3) -> float:
-    """GFLOP/s of a 4096^3 float32 matmul on ``backend``."""
+def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
+    """GFLOP/s of an ``n``^3 float32 matmul on ``backend`` (best of ``repeats``)."""
     import time
 
-    n = 4096
     a: Any
     f: Callable[[], Any]
     if backend == "numpy":
@@ -99,8 +99,13 @@ def _gemm_rate(backend: str, repeats: int = 3) -> float:
 
 
 def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int, repeats: int,
-             threads: int) -> dict[str, Any]:  # fmt: skip
-    """Time one case in this process (the child of :func:`measure`)."""
+             threads: int, gemm_size: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Time one case in this process (the child of :func:`measure`).
+
+    With ``gemm_size``, the backend's GEMM rate is measured first in this process, under
+    the same thread settings, so that the case's share of it compares like with like on a
+    machine whose speed drifts during a run.
+    """
     import time
 
     import numpy as np
@@ -165,6 +170,7 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
         def call() -> Any:
             return fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
 
+    gemm = _gemm_rate(backend, repeats=2, n=gemm_size) if gemm_size else None
     process_peak = _status_mib("VmHWM")  # inputs made, nothing called yet
     before = _reset_peak()
     call()  # the first call: its peak is the call's memory (and it warms up)
@@ -176,11 +182,14 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
         call()
         times.append(time.perf_counter() - start)
     process_peak = max(process_peak, _status_mib("VmHWM"))
-    return {
+    result = {
         "median_s": statistics.median(times),
         "peak_mib": max(peak, 0.0),
         "process_peak_mib": process_peak,
     }
+    if gemm is not None:
+        result["gemm_gflops"] = gemm
+    return result
 
 
 def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]:
@@ -211,18 +220,21 @@ def _available(method: str) -> bool:
 
 
 def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, threads: int,
-          methods: Sequence[str], out_dir: Path, plots: bool) -> dict[str, Any]:  # fmt: skip
-    """Run every case, print the table and ratios, write JSON (and plots)."""
+          methods: Sequence[str], out_dir: Path, plots: bool, gemm_size: int = 4096) -> dict[str, Any]:  # fmt: skip
+    """Run every case, print the table and ratios, write JSON (and plots).
+
+    Each case's share of the GEMM rate is against the rate measured in its own subprocess
+    just before it (``gemm_size``^3); the header gives the median of those per backend.
+    """
     methods = [x for x in methods if _available(x)]
-    backends = sorted({BACKEND_OF[x] for x in methods})
-    gemm = {b: _gemm_rate(b) for b in backends}
     rows = []
     for length in lengths:
         for causal in (False, True):
             for method in methods:
                 r = measure(
-                    method, length, causal, heads=heads, d=d, m=m, repeats=repeats, threads=threads
-                )
+                    method, length, causal, heads=heads, d=d, m=m, repeats=repeats,
+                    threads=threads, gemm_size=gemm_size,
+                )  # fmt: skip
                 row = {
                     "L": length,
                     "mode": "causal" if causal else "bidirectional",
@@ -232,16 +244,22 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
                 if "median_s" in r:
                     rate = 8 * length * m * d * heads / r["median_s"] / 1e9
                     row["gflops"] = rate
-                    row["pct_gemm"] = 100 * rate / gemm[BACKEND_OF[method]]
+                    row["pct_gemm"] = 100 * rate / r["gemm_gflops"]
                 rows.append(row)
                 _print_row(row)
+    gemm = {
+        b: statistics.median(
+            r["gemm_gflops"] for r in rows if "gemm_gflops" in r and BACKEND_OF[r["method"]] == b
+        )
+        for b in sorted({BACKEND_OF[r["method"]] for r in rows if "gemm_gflops" in r})
+    }
     ratios = _ratios(rows)
     result = {"shape": {"heads": heads, "d": d, "m": m, "dtype": "float32", "threads": threads},
               "gemm_gflops": gemm, "rows": rows, "ratios": ratios}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     print(
-        "\nGEMM rate (4096^3 float32): "
+        f"\nGEMM rate ({gemm_size}^3 float32, median over the cases' own measurements): "
         + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in gemm.items())
     )
     for line in ratios:
@@ -259,7 +277,8 @@ def _print_row(row: dict[str, Any]) -> None:
         return
     print(
         f"{row['L']:>7} {row['mode']:<14} {row['method']:<16} {1e3 * row['median_s']:>10.1f} ms "
-        f"{row['peak_mib']:>9.1f} MiB {row['gflops']:>8.1f} GFLOP/s {row['pct_gemm']:>6.1f} % GEMM",
+        f"{row['peak_mib']:>9.1f} MiB {row['gflops']:>8.1f} GFLOP/s {row['pct_gemm']:>6.1f} % GEMM "
+        f"({row['gemm_gflops']:.0f})",
         flush=True,
     )
 

@@ -12,7 +12,7 @@ from favorcore import bench
 def test_bench_smoke(tmp_path, capsys) -> None:
     result = bench.bench(
         [32, 64], heads=1, d=8, m=16, repeats=1, threads=1, methods=list(bench.METHODS),
-        out_dir=tmp_path, plots=False,
+        out_dir=tmp_path, plots=False, gemm_size=64,
     )  # fmt: skip
     rows = [r for r in result["rows"] if "error" not in r]
     assert rows, result["rows"]
@@ -24,6 +24,9 @@ def test_bench_smoke(tmp_path, capsys) -> None:
         assert r["median_s"] > 0
         assert r["peak_mib"] >= 0
         assert r["gflops"] == pytest.approx(8 * r["L"] * 16 * 8 / r["median_s"] / 1e9)
+        # the share of the GEMM rate measured in the case's own process
+        assert r["gemm_gflops"] > 0
+        assert r["pct_gemm"] == pytest.approx(100 * r["gflops"] / r["gemm_gflops"])
     assert not [r for r in result["rows"] if "error" in r], result["rows"]
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["shape"] == {"heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1}
