@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -61,6 +62,21 @@ class TiledOps:
     block: int = 512
     chunk: int = 128
     vectorized: bool = False
+
+    def buffer(self, xp: ModuleType, role: str, rows: int, cols: int, like: Array) -> Array:
+        """This thread's ``(rows, cols)`` array for ``role`` in ``like``'s dtype and device,
+        contents undefined (for adapters' steps: reused from call to call, grown as needed,
+        so large blocks cost no fresh allocation and page faults every time)."""
+        local = self.__dict__.get("_buffers")
+        if local is None:
+            local = self.__dict__.setdefault("_buffers", threading.local())
+        cache = local.__dict__
+        buf: Array | None = cache.get(role)
+        if (buf is None or buf.shape[1] != cols or buf.shape[0] < rows
+                or buf.dtype != like.dtype or buf.device != like.device):  # fmt: skip
+            shape = (max(rows, self.block), cols)
+            buf = cache[role] = xp.empty(shape, dtype=like.dtype, device=like.device)
+        return buf[:rows, ...]
 
     def block_size(self, length: int) -> int:
         """Rows per block for a sequence of ``length`` rows (:attr:`block`)."""

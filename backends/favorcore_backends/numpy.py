@@ -58,32 +58,23 @@ class NumpyOps(TiledOps):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.workers = workers or cores or 1
         self.block = block
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
-
-    def _buffer(self, role: str, rows: int, cols: int, dtype: Any) -> np.ndarray:
-        """This thread's ``(rows, cols)`` buffer for ``role`` (grown as needed)."""
-        cache = self._local.__dict__.setdefault("buffers", {})
-        buf: np.ndarray | None = cache.get(role)
-        if buf is None or buf.shape[1] != cols or buf.shape[0] < rows or buf.dtype != dtype:
-            buf = cache[role] = np.empty((max(rows, self.block), cols), dtype=dtype)
-        return buf[:rows]
 
     def key_block(
         self, xp: ModuleType, y: Any, v: Any, keep: Any, wk: Any, c: float
     ) -> tuple[Any, Any]:
         """Keys' features and ``[V | 1]`` in this thread's buffers (no allocation)."""
         rows, d = y.shape
-        aug = self._buffer("k_in", rows, d + 2, y.dtype)
+        aug = self.buffer(np, "k_in", rows, d + 2, y)
         aug[:, :d] = y
         np.einsum("ij,ij->i", y, y, out=aug[:, d])
         aug[:, d] *= -c
         aug[:, d + 1] = 1.0
-        kf = np.matmul(aug, wk, out=self._buffer("k", rows, wk.shape[1], y.dtype))
+        kf = np.matmul(aug, wk, out=self.buffer(np, "k", rows, wk.shape[1], y))
         np.exp(kf, out=kf)
-        v1 = self._buffer("v1", rows, v.shape[1] + 1, y.dtype)
+        v1 = self.buffer(np, "v1", rows, v.shape[1] + 1, y)
         v1[:, :-1] = v
         v1[:, -1] = 1.0
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
@@ -105,7 +96,7 @@ class NumpyOps(TiledOps):
         """
         rows, m = qf.shape
         e = v1.shape[1]
-        o = self._buffer("o", rows, e, qf.dtype)
+        o = self.buffer(np, "o", rows, e, qf)
         kv = np.zeros((m, e), dtype=qf.dtype) if kv0 is None else kv0
         split = rows - rows % chunk
         for lo, hi, c in ((0, split, chunk), (split, rows, rows - split)):
@@ -118,22 +109,22 @@ class NumpyOps(TiledOps):
         rows, m = qf.shape
         n, e = rows // c, v1.shape[1]
         qc, kc, vc = qf.reshape(n, c, m), kf.reshape(n, c, m), v1.reshape(n, c, e)
-        pre = self._buffer("prefix", (n + 1) * m, e, qf.dtype).reshape(n + 1, m, e)
+        pre = self.buffer(np, "prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
         np.matmul(kc.transpose(0, 2, 1), vc, out=pre[1:])
         pre[0] = kv
         for i in range(n):
             pre[i + 1] += pre[i]
-        scores = self._buffer("scores", rows, c, qf.dtype).reshape(n, c, c)
+        scores = self.buffer(np, "scores", rows, c, qf).reshape(n, c, c)
         np.matmul(qc, kc.transpose(0, 2, 1), out=scores)
         np.copyto(scores, 0.0, where=_future(c))
         oc = o.reshape(n, c, e)
         np.matmul(qc, pre[:n], out=oc)
-        oc += np.matmul(scores, vc, out=self._buffer("intra", rows, e, qf.dtype).reshape(n, c, e))
+        oc += np.matmul(scores, vc, out=self.buffer(np, "intra", rows, e, qf).reshape(n, c, e))
         return pre[n].copy()
 
     def transform(self, xp: ModuleType, y: Any, t: Any) -> Any:
         """Balanced keys ``[y, 1] @ t`` in this thread's buffer."""
-        out = np.matmul(y, t[:-1], out=self._buffer("kt", y.shape[0], t.shape[1], y.dtype))
+        out = np.matmul(y, t[:-1], out=self.buffer(np, "kt", y.shape[0], t.shape[1], y))
         out += t[-1]
         return out
 
@@ -148,7 +139,7 @@ class NumpyOps(TiledOps):
         exact row max instead, so no row's features underflow.
         """
         rows, d = x.shape
-        aug = self._buffer("q_in", rows, d + 2, x.dtype)
+        aug = self.buffer(np, "q_in", rows, d + 2, x)
         aug[:, :d] = x
         aug[:, d] = 1.0
         radius = float(np.sqrt((wq[:d] ** 2).sum(axis=0).max()))
@@ -157,7 +148,7 @@ class NumpyOps(TiledOps):
         aug[:, d + 1] *= -radius
         aug[:, d + 1] -= float(wq[d].max()) + 1.0
         shifted = np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)])
-        e = np.matmul(aug, shifted, out=self._buffer("q", rows, wq.shape[1], x.dtype))
+        e = np.matmul(aug, shifted, out=self.buffer(np, "q", rows, wq.shape[1], x))
         if rows:  # (a max over rows of a strided (rows, 16) view costs 4x the copy)
             low = e[:, :SAMPLE].T.copy().max(axis=0) < -GAP
             if low.any():
@@ -170,7 +161,7 @@ class NumpyOps(TiledOps):
 
     def answer(self, xp: ModuleType, qf: Any, kv: Any) -> Any:
         """``qf kv`` into this thread's buffer."""
-        return np.matmul(qf, kv, out=self._buffer("o", qf.shape[0], kv.shape[1], qf.dtype))
+        return np.matmul(qf, kv, out=self.buffer(np, "o", qf.shape[0], kv.shape[1], qf))
 
     def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""

@@ -82,12 +82,12 @@ class TorchOps(TiledOps):
             plain: tuple[torch.Tensor, torch.Tensor] = super().key_block(xp, y, v, keep, wk, c)
             return plain
         rows, d = y.shape
-        aug = torch.empty(rows, d + 2, dtype=y.dtype, device=y.device)
+        aug = self.buffer(xp, "k_in", rows, d + 2, y)
         aug[:, :d] = y
         aug[:, d] = (y * y).sum(1).mul_(-c)
         aug[:, d + 1] = 1.0
-        kf = torch.mm(aug, wk).exp_()
-        v1 = torch.empty(rows, v.shape[1] + 1, dtype=v.dtype, device=v.device)
+        kf = torch.mm(aug, wk, out=self.buffer(xp, "k", rows, wk.shape[1], y)).exp_()
+        v1 = self.buffer(xp, "v1", rows, v.shape[1] + 1, v)
         v1[:, :-1] = v
         v1[:, -1] = 1.0
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
@@ -109,12 +109,13 @@ class TorchOps(TiledOps):
         rows, d = x.shape
         # as in the NumPy fast path: an upper-bound shift from |x| inside the matmul, the
         # exact row max only for rows that fall far below it
-        aug = torch.empty(rows, d + 2, dtype=x.dtype, device=x.device)
+        aug = self.buffer(xp, "q_in", rows, d + 2, x)
         aug[:, :d] = x
         aug[:, d] = 1.0
         radius = wq[:d].square().sum(0).amax().sqrt()
         aug[:, d + 1] = torch.linalg.vector_norm(x, dim=1).mul_(-radius).sub_(wq[d].amax() + 1.0)
-        e = torch.mm(aug, torch.cat([wq, torch.ones_like(wq[:1])]))
+        shifted = torch.cat([wq, torch.ones_like(wq[:1])])
+        e = torch.mm(aug, shifted, out=self.buffer(xp, "q", rows, wq.shape[1], x))
         if rows and e.device.type != "cpu":
             e.sub_(e.amax(1, keepdim=True))  # exact max: no host sync per block on a GPU
         elif rows:
