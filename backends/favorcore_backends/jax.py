@@ -1,6 +1,8 @@
-"""JAX adapter: projections drawn from a ``jax.random`` key, and a Flax module.
+"""JAX adapter: the tiled engine's steps, projections drawn from a ``jax.random`` key.
 
-The core runs on JAX arrays as it is, under ``jit``, ``vmap`` and ``grad``. What only JAX
+The core runs on JAX arrays as it is, under ``jit``, ``vmap`` and ``grad``; importing this
+module (the core does it when it first meets JAX arrays) registers :class:`JaxOps`, so that
+the positive maps run block by block (:mod:`favorcore._tiled`). What only JAX
 has is functional randomness: :func:`draw_projection` draws a projection from a key, so a
 redraw can happen inside traced code (a training step), and :func:`feature_matrix` turns
 it into the matrix a feature map expects (pass it as ``favor_attention(projection=...)``).
