@@ -115,8 +115,14 @@ class TiledOps:
         """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
         return y @ t[..., :-1, :] + t[..., -1:, :]
 
-    def query_block(self, xp: ModuleType, x: Array, wq: Array) -> Array:
-        """``phi(Q_b) = exp(e - max_row(e))`` with ``e = [x, 1] @ wq`` (may be a buffer)."""
+    def prepare(self, xp: ModuleType, wq: Array) -> Any:
+        """What :meth:`query_block` takes for the queries' exponent matrix ``wq``: run once
+        per matrix, not per block (adapters precompute constants of ``wq`` here)."""
+        return wq
+
+    def query_block(self, xp: ModuleType, x: Array, wq: Any) -> Array:
+        """``phi(Q_b) = exp(e - max_row(e))`` with ``e = [x, 1] @ wq`` (may be a buffer);
+        ``wq`` as :meth:`prepare` returned it."""
         col = xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device(x))
         e = xp.concat([x, col], axis=-1) @ wq
         if x.shape[-2]:
@@ -266,8 +272,16 @@ def tiled_attention(
         y = y3[g, lo:hi, :] if tk is None else ops.transform(xp, y3[g, lo:hi, :], pick(tk, g))
         return ops.key_block(xp, y, v3[g, lo:hi, :], keep, pick(wk, g), half_root_sq)
 
+    prepared = (
+        [ops.prepare(xp, wq)]
+        if ops.vectorized
+        else [ops.prepare(xp, wq[r, ...]) for r in range(wq.shape[0])]
+    )
+
     def queries(g: Any, lo: int, hi: int) -> Array:
-        return ops.query_block(xp, x3[g, lo:hi, :], pick(wq, g))
+        return ops.query_block(
+            xp, x3[g, lo:hi, :], prepared[g % len(prepared) if isinstance(g, int) else 0]
+        )
 
     size = ops.block_size(max(lq, lk))
 

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,15 @@ CHUNK = 64
 GAP = 40.0
 #: exponents sampled per row for that check
 SAMPLE = 16
+
+
+class _Queries(NamedTuple):
+    """The NumPy fast path's queries' exponent matrix and its constants."""
+
+    matrix: Any  # [wq; 1]: the last row multiplies the shift column (NumPy or PyTorch)
+    radius: float  # the largest column norm of the projection rows
+    top: float  # the largest bias
+    spread: float  # largest minus smallest bias
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,28 +137,41 @@ class NumpyOps(TiledOps):
         out += t[-1]
         return out
 
+    def prepare(self, xp: ModuleType, wq: Any) -> _Queries:
+        """The queries' exponent matrix with a row for the shift, and its constants."""
+        d = wq.shape[0] - 1
+        bias = wq[d]
+        return _Queries(
+            np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)]),
+            float(np.sqrt((wq[:d] ** 2).sum(axis=0).max())),
+            float(bias.max()),
+            float(bias.max() - bias.min()),
+        )
+
     def query_block(self, xp: Any, x: Any, wq: Any) -> Any:
         """Queries' features in this thread's buffer: one matmul, one ``exp``.
 
         Any per-row shift is exact for queries. Instead of a pass for the row max, the
-        shift ``s(x) = |x| R + max c`` (``R`` the largest column norm of the projection) is
-        an upper bound of the row's exponents computed from ``x`` alone and enters the
-        matmul as one more column, so every exponent is <= 0. Rows where a sample of the
-        exponents shows the max more than ``GAP`` below the bound (large ``|x|``) get the
-        exact row max instead, so no row's features underflow.
+        shift ``s(x) = |x| R + max c + 1`` (``R`` the largest column norm of the
+        projection, ``c`` the bias row) is an upper bound of the row's exponents computed
+        from ``x`` alone and enters the matmul as one more column, so every exponent is
+        <= 0. Every exponent is also >= ``-(2 |x| R + max c - min c + 1)``: when that is
+        above ``-GAP`` for the whole block (the usual case) nothing can underflow;
+        otherwise rows where a sample of the exponents shows the max more than ``GAP``
+        below the bound get the exact row max, so no row's features underflow.
         """
         rows, d = x.shape
         aug = self.buffer(np, "q_in", rows, d + 2, x)
         aug[:, :d] = x
         aug[:, d] = 1.0
-        radius = float(np.sqrt((wq[:d] ** 2).sum(axis=0).max()))
-        np.einsum("ij,ij->i", x, x, out=aug[:, d + 1])
-        np.sqrt(aug[:, d + 1], out=aug[:, d + 1])
-        aug[:, d + 1] *= -radius
-        aug[:, d + 1] -= float(wq[d].max()) + 1.0
-        shifted = np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)])
-        e = np.matmul(aug, shifted, out=self.buffer(np, "q", rows, wq.shape[1], x))
-        if rows:  # (a max over rows of a strided (rows, 16) view costs 4x the copy)
+        norm = aug[:, d + 1]
+        np.einsum("ij,ij->i", x, x, out=norm)
+        np.sqrt(norm, out=norm)
+        deep = rows > 0 and 2 * float(norm.max()) * wq.radius + wq.spread + 1 >= GAP
+        norm *= -wq.radius
+        norm -= wq.top + 1.0
+        e = np.matmul(aug, wq.matrix, out=self.buffer(np, "q", rows, wq.matrix.shape[1], x))
+        if deep:  # (a max over rows of a strided (rows, 16) view costs 4x the copy)
             low = e[:, :SAMPLE].T.copy().max(axis=0) < -GAP
             if low.any():
                 e[low] -= e[low].max(axis=1, keepdims=True)
@@ -166,11 +188,12 @@ class NumpyOps(TiledOps):
     def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
         den = o[:, dv:]
+        bad = den[:, 0] <= np.finfo(den.dtype).smallest_normal  # as favorcore._linear.normalise
+        if not bad.any():  # (no zero to divide by: no need for errstate, 20 us a call)
+            return np.divide(o[:, :dv], den, out=out)
         with np.errstate(divide="ignore", invalid="ignore"):
             np.divide(o[:, :dv], den, out=out)
-        bad = den[:, 0] <= np.finfo(den.dtype).smallest_normal  # as favorcore._linear.normalise
-        if bad.any():
-            out[bad] = 0.0
+        out[bad] = 0.0
         return out
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], *inputs: Any) -> Any:

@@ -38,7 +38,7 @@ from favorcore import (
 )
 from favorcore._tiled import TiledOps
 
-from .numpy import GAP, SAMPLE
+from .numpy import GAP, SAMPLE, _Queries
 
 __all__ = [
     "DEFAULT_SEGMENT",
@@ -102,23 +102,37 @@ class TorchOps(TiledOps):
             return plain
         return torch.addmm(t[-1], y, t[:-1])
 
-    def query_block(self, xp: Any, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        if self._recording(x, wq):
-            qf: torch.Tensor = super().query_block(xp, x, wq)
-            return qf
+    def prepare(self, xp: Any, wq: torch.Tensor) -> Any:
+        """As the NumPy fast path's (the standard matrix itself while autograd records)."""
+        if self._recording(wq):
+            return wq
+        d = wq.shape[0] - 1
+        bias = wq[d]
+        return _Queries(
+            torch.cat([wq, torch.ones_like(wq[:1])]),
+            float(wq[:d].square().sum(0).amax().sqrt()),
+            float(bias.amax()),
+            float(bias.amax() - bias.amin()),
+        )
+
+    def query_block(self, xp: Any, x: torch.Tensor, wq: Any) -> torch.Tensor:
+        if not isinstance(wq, _Queries) or self._recording(x):
+            plain: torch.Tensor = super().query_block(
+                xp, x, wq if not isinstance(wq, _Queries) else wq.matrix[:-1]
+            )
+            return plain
         rows, d = x.shape
         # as in the NumPy fast path: an upper-bound shift from |x| inside the matmul, the
-        # exact row max only for rows that fall far below it
+        # exact row max only where exponents may fall far below it
         aug = self.buffer(xp, "q_in", rows, d + 2, x)
         aug[:, :d] = x
         aug[:, d] = 1.0
-        radius = wq[:d].square().sum(0).amax().sqrt()
-        aug[:, d + 1] = torch.linalg.vector_norm(x, dim=1).mul_(-radius).sub_(wq[d].amax() + 1.0)
-        shifted = torch.cat([wq, torch.ones_like(wq[:1])])
-        e = torch.mm(aug, shifted, out=self.buffer(xp, "q", rows, wq.shape[1], x))
+        norm = torch.linalg.vector_norm(x, dim=1)
+        aug[:, d + 1] = norm * -wq.radius - (wq.top + 1.0)
+        e = torch.mm(aug, wq.matrix, out=self.buffer(xp, "q", rows, wq.matrix.shape[1], x))
         if rows and e.device.type != "cpu":
             e.sub_(e.amax(1, keepdim=True))  # exact max: no host sync per block on a GPU
-        elif rows:
+        elif rows and 2 * float(norm.max()) * wq.radius + wq.spread + 1 >= GAP:
             low = e[:, :SAMPLE].amax(1) < -GAP
             if bool(low.any()):
                 e[low] -= e[low].amax(1, keepdim=True)
