@@ -1,4 +1,4 @@
-r"""The tiled engine: FAVOR+ and FAVOR++ attention block by block, for eager backends.
+r"""The tiled engine: FAVOR+ and FAVOR++ attention block by block.
 
 The plain core computes ``phi(Q)`` and ``phi(K)`` for the whole sequence and then two
 products. This engine computes them for blocks of ``block`` rows at a time, so that the
@@ -11,13 +11,16 @@ products. This engine computes them for blocks of ``block`` rows at a time, so t
   ``sqrt(1 - 4A)`` and adds ``A |w|^2`` to both constant rows); then one ``exp`` (queries
   first take their row max out, exactly as the feature map does);
 * keys' sums ``phi(K_b)^T [V_b | 1]`` accumulate in an :class:`~favorcore.AttentionState`,
-  queries are answered from it; causal blocks run :func:`~favorcore.attention.causal_sums`
-  with the state carried from block to block;
-* work items are (batch row, segment of the sequence); bidirectional segments add their
-  sums, causal segments first sum their keys, prefix-sum them, then run with their prefix.
+  queries are answered from it; causal blocks run :meth:`TiledOps.causal` (chunked prefix
+  sums, :func:`favorcore._linear.causal_sums`) with the state carried from block to block;
+* work items are (a group of batch rows, a segment of the sequence): one row per item for
+  eager adapters, every row at once when :attr:`TiledOps.vectorized` (JAX: one traced
+  copy of the block computation per block); bidirectional segments add their sums, causal
+  segments first sum their keys, prefix-sum them, then run with their prefix.
 
 It uses only the standard. A backend's adapter makes it fast through a :class:`TiledOps`
-registered as the step ``"tiled"``: matmuls into reused buffers, ``exp`` in place, and
+registered as the step ``"tiled"``: matmuls into reused buffers (:meth:`TiledOps.buffer`),
+``exp`` and the causal products in place, constants of the query matrix prepared once,
 work items on several cores.
 """
 
