@@ -153,3 +153,62 @@ def test_registered_causal_step_equals_core(
         o_ref, kv_ref = causal_sums(xp, qf, kf, v1, state, chunk)
         np.testing.assert_allclose(to_numpy(o), to_numpy(o_ref), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(to_numpy(kv), to_numpy(kv_ref), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kind", ["favor+", "favor++ balanced"])
+def test_adapter_steps_across_blocks_equal_core_path(
+    backend: Backend, rng: np.random.Generator, causal: bool, masked: bool, kind: str
+) -> None:
+    # The registered adapter's own steps (buffers reused from block to block, several work
+    # items per row, the causal step, prepared query matrices) with small blocks, against
+    # the plain core: many blocks and chunks, a short last one, masks, a carried state.
+    import copy
+
+    from favorcore._registry import lookup
+
+    xp = backend.xp
+    registered = lookup(xp, "tiled")
+    if registered is None:
+        pytest.skip(f"{backend.name} has no fast path")
+    ops = copy.copy(registered)
+    ops.block, ops.chunk = 48, 16
+    if ops.workers > 1:
+        ops.workers = 3
+    lq = 203
+    lk = lq if causal else 230
+    q, k = rng.standard_normal((2, 3, lq, 8)) / 2, rng.standard_normal((2, 3, lk, 8)) / 2
+    v = rng.standard_normal((2, 3, lk, 5))
+    mask = rng.random((2, 1, lk)) < 0.7 if masked else None
+    kv0 = rng.random((2, 3, 16, 6)) if causal else None
+    fmap: fc.PositiveFeatures = (
+        fc.PositiveFeatures(m=16, seed=3)
+        if kind == "favor+"
+        else fc.OptimalPositiveFeatures(m=16, seed=3)
+    )
+    a = backend.asarray
+    key_mask = None if mask is None else a(mask)
+    stats = (
+        fc.balance_statistics(a(q), a(k), key_mask=key_mask, scale=0.3)
+        if kind != "favor+"
+        else None
+    )
+    with fc.fast_paths(False):
+        want, want_state = fc.favor_attention(
+            a(q), a(k), a(v), features=fmap, causal=causal, key_mask=key_mask, chunk_size=16,
+            return_state=True, state=None if kv0 is None else fc.AttentionState(a(kv0)),
+            scale=0.3, balance=False if stats is None else stats,
+        )  # fmt: skip
+    x, y, vv = a(q), a(k), a(v)
+    root = math.sqrt(0.3)
+    coef = fmap.coefficient(
+        x * root, y * root, key_mask=key_mask, spread=None if stats is None else stats.spread
+    )
+    out, kv, _ = tiled_attention(
+        xp, ops, x, y, vv, w=fmap.projection_like(x), root=root, a=coef, causal=causal,
+        mask=None if mask is None else key_mask[..., None], chunk=16,
+        kv0=None if kv0 is None else a(kv0), batch=(2, 3), balance=stats,
+    )  # fmt: skip
+    np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(out), to_numpy(want), rtol=1e-10, atol=1e-12)
