@@ -7,7 +7,7 @@ from types import ModuleType
 
 from ._compat import Array, device, stop_gradient
 
-__all__ = ["causal_sums", "normalise", "prefix_sums"]
+__all__ = ["causal_sums", "normalise"]
 
 
 def normalise(xp: ModuleType, out1: Array, dv: int, kv: Array | None = None) -> Array:
@@ -41,18 +41,8 @@ def normalise(xp: ModuleType, out1: Array, dv: int, kv: Array | None = None) -> 
     return xp.where(ok | xp.isnan(den), value, 0.0)
 
 
-def prefix_sums(xp: ModuleType, sums: Array) -> Array:
-    """Sums over axis -3 before each position and the total: ``n + 1`` entries."""
-    return xp.cumulative_sum(sums, axis=-3, include_initial=True)
-
-
 def _causal_blocks(
-    xp: ModuleType,
-    qf: Array,
-    kf: Array,
-    v1: Array,
-    kv0: Array | None,
-    c: int,
+    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
 ) -> tuple[Array, Array]:
     """Causal linear attention over ``L = n * c`` positions; returns ``(out1, kv)``."""
     batch, length, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
@@ -60,7 +50,7 @@ def _causal_blocks(
     qc = xp.reshape(qf, (*batch, n, c, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
-    sums = prefix_sums(xp, xp.matrix_transpose(kc) @ vc)
+    sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
     prefix = sums[..., :n, :, :]
     total = sums[..., n, :, :]
     if kv0 is not None:
@@ -74,12 +64,7 @@ def _causal_blocks(
 
 
 def causal_sums(
-    xp: ModuleType,
-    qf: Array,
-    kf: Array,
-    v1: Array,
-    kv0: Array | None,
-    chunk: int,
+    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, chunk: int
 ) -> tuple[Array, Array]:
     """Unnormalised causal linear attention ``(out1, kv)`` for any length (equal batch dims).
 
@@ -96,12 +81,7 @@ def causal_sums(
         pieces.append(out_main)
     if split < length:
         out_tail, kv = _causal_blocks(
-            xp,
-            qf[..., split:, :],
-            kf[..., split:, :],
-            v1[..., split:, :],
-            kv,
-            length - split,
+            xp, qf[..., split:, :], kf[..., split:, :], v1[..., split:, :], kv, length - split
         )
         pieces.append(out_tail)
     if not pieces:  # length 0

@@ -210,5 +210,8 @@ def test_adapter_steps_across_blocks_equal_core_path(
         mask=None if mask is None else key_mask[..., None], chunk=16,
         kv0=None if kv0 is None else a(kv0), batch=(2, 3), balance=stats,
     )  # fmt: skip
+    # float64, sums over <= 230 keys and 16 features in another order: rounding ~ (230 + 16)
+    # * 1.1e-16 relative (~3e-14), times the exponent's conditioning; 1e-10 leaves room for
+    # that and still fails on any wrong chunk, state or mask (errors of order 1)
     np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(to_numpy(out), to_numpy(want), rtol=1e-10, atol=1e-12)

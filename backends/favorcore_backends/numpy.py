@@ -49,9 +49,9 @@ class _Queries(NamedTuple):
     """The NumPy fast path's queries' exponent matrix and its constants."""
 
     matrix: Any  # [wq; 1]: the last row multiplies the shift column (NumPy or PyTorch)
-    radius: float  # the largest column norm of the projection rows
-    top: float  # the largest bias
-    spread: float  # largest minus smallest bias
+    radius: Any  # the largest column norm of the projection rows (a float on the CPU)
+    top: Any  # the largest bias (a float on the CPU)
+    spread: float  # largest minus smallest bias (read on the CPU only)
 
 
 @functools.lru_cache(maxsize=8)

@@ -108,11 +108,14 @@ class TorchOps(TiledOps):
             return wq
         d = wq.shape[0] - 1
         bias = wq[d]
+        radius, top = wq[:d].square().sum(0).amax().sqrt(), bias.amax()
+        if wq.device.type != "cpu":  # 0-d tensors: no host sync (a GPU takes the exact max)
+            return _Queries(torch.cat([wq, torch.ones_like(wq[:1])]), radius, top, 0.0)
         return _Queries(
             torch.cat([wq, torch.ones_like(wq[:1])]),
-            float(wq[:d].square().sum(0).amax().sqrt()),
-            float(bias.amax()),
-            float(bias.amax() - bias.amin()),
+            float(radius),
+            float(top),
+            float(top - bias.amin()),
         )
 
     def query_block(self, xp: Any, x: torch.Tensor, wq: Any) -> torch.Tensor:
