@@ -137,7 +137,7 @@ def test_registered_causal_step_equals_core(
     backend: Backend, rng: np.random.Generator, rows: int, chunk: int
 ) -> None:
     # An adapter's in-place causal step (buffers, in-place prefix and masking) against the
-    # standard one: full chunks, a shorter last chunk, with and without a carried state.
+    # standard one of [V | 1]: full chunks, a shorter last chunk, with and without a state.
     from favorcore._linear import causal_sums
     from favorcore._registry import lookup
 
@@ -147,9 +147,10 @@ def test_registered_causal_step_equals_core(
         pytest.skip(f"{backend.name} has no causal step of its own")
     a = backend.asarray
     qf, kf = a(rng.random((rows, 16))), a(rng.random((rows, 16)))
-    v1, kv0 = a(rng.standard_normal((rows, 6))), a(rng.random((16, 6)))
+    vals, kv0 = rng.standard_normal((rows, 5)), a(rng.random((16, 6)))
+    v1 = a(np.concatenate([vals, np.ones((rows, 1))], axis=1))
     for state in (None, kv0):
-        o, kv = ops.causal(xp, qf, kf, v1, state, chunk)
+        o, kv = ops.causal(xp, qf, kf, a(vals), state, chunk)
         o_ref, kv_ref = causal_sums(xp, qf, kf, v1, state, chunk)
         np.testing.assert_allclose(to_numpy(o), to_numpy(o_ref), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(to_numpy(kv), to_numpy(kv_ref), rtol=1e-12, atol=1e-12)

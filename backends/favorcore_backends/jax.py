@@ -50,7 +50,7 @@ class JaxOps(TiledOps):
     max_blocks = 32
     chunk = 128
 
-    def block_size(self, length: int) -> int:
+    def block_size(self, length: int, causal: bool) -> int:
         """:attr:`block`, or larger for sequences of more than :attr:`max_blocks` blocks."""
         return max(self.block, -(-length // self.max_blocks))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -39,10 +40,8 @@ BLOCK = 2048
 #: causal chunk length, measured at L = 16384 (causal / bidirectional time):
 #: 32 -> 1.24x, 64 -> 1.30x, 128 -> 1.46x, 256 -> 1.64x; 64 keeps the chunks' matmuls larger
 CHUNK = 64
-#: query rows whose exponents fall more than GAP below the bound take the exact row max
+#: query rows whose exponents may fall more than GAP below the bound take the exact row max
 GAP = 40.0
-#: exponents sampled per row for that check
-SAMPLE = 16
 
 
 class _Queries(NamedTuple):
@@ -51,7 +50,29 @@ class _Queries(NamedTuple):
     matrix: Any  # [wq; 1]: the last row multiplies the shift column (NumPy or PyTorch)
     radius: Any  # the largest column norm of the projection rows (a float on the CPU)
     top: Any  # the largest bias (a float on the CPU)
-    spread: float  # largest minus smallest bias (read on the CPU only)
+    limit: float  # rows with |x| >= limit may fall GAP below the bound (read on the CPU only)
+
+
+def _limit(norms: np.ndarray, bias: np.ndarray) -> float:
+    """The query norm below which a row's largest exponent is provably within ``GAP`` of
+    the bound ``|x| R + max c + 1`` (see ``NumpyOps.query_block``).
+
+    Feature ``j``'s exponent is ``>= c_j - |x| n_j`` (``n_j`` its column norm), so the row
+    max minus the bound is ``>= c_j - |x| (n_j + R) - max c - 1`` for every ``j``: that is
+    ``>= -GAP`` when ``|x| <= (GAP - 1 - (max c - c_j)) / (n_j + R)`` for some ``j``.
+    """
+    radius, room = float(norms.max()), GAP - 1 - (bias.max() - bias)
+    if radius <= 0:  # every exponent is c_j
+        return math.inf if room.min() >= 0 else -math.inf
+    return float((room / (norms + radius)).max())
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype: Any) -> np.ndarray:
+    """A read-only vector of ``n`` ones."""
+    ones = np.ones(n, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +97,7 @@ class NumpyOps(TiledOps):
     def key_block(
         self, xp: ModuleType, y: Any, v: Any, keep: Any, wk: Any, c: float
     ) -> tuple[Any, Any]:
-        """Keys' features and ``[V | 1]`` in this thread's buffers (no allocation)."""
+        """Keys' features in this thread's buffer, and ``v`` itself (no copy) unless masked."""
         rows, d = y.shape
         aug = self.buffer(np, "k_in", rows, d + 2, y)
         aug[:, :d] = y
@@ -85,30 +106,34 @@ class NumpyOps(TiledOps):
         aug[:, d + 1] = 1.0
         kf = np.matmul(aug, wk, out=self.buffer(np, "k", rows, wk.shape[1], y))
         np.exp(kf, out=kf)
-        v1 = self.buffer(np, "v1", rows, v.shape[1] + 1, y)
-        v1[:, :-1] = v
-        v1[:, -1] = 1.0
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
             drop = ~keep[:, 0]
             kf[drop] = 0.0
-            v1[drop] = 0.0
-        return kf, v1
+            vb = self.buffer(np, "v", rows, v.shape[1], v)
+            np.copyto(vb, v)
+            vb[drop] = 0.0
+            return kf, vb
+        return kf, v
 
     def causal(
-        self, xp: ModuleType, qf: Any, kf: Any, v1: Any, kv0: Any, chunk: int
+        self, xp: ModuleType, qf: Any, kf: Any, vb: Any, kv0: Any, chunk: int
     ) -> tuple[Any, Any]:
         """Causal attention of a block, chunk by chunk, in this thread's buffers.
 
-        As :func:`favorcore._linear.causal_sums`, with every product written in place: the
-        chunks' key sums prefix-summed by in-place adds starting from the carried state
-        (``np.cumsum`` over a leading axis runs its inner loop along that short axis, one
-        element at a time: as slow as a matmul of the block here), the future masked out
-        of the scores in place, and the intra-chunk product added into the output.
+        As :func:`favorcore._linear.causal_sums` of ``[V | 1]`` (copied into a buffer),
+        with every product written in place: the chunks' key sums prefix-summed by in-place
+        adds starting from the carried state (``np.cumsum`` over a leading axis runs its
+        inner loop along that short axis, one element at a time: as slow as a matmul of
+        the block here), the future masked out of the scores in place, and the
+        intra-chunk product added into the output.
         """
         rows, m = qf.shape
-        e = v1.shape[1]
-        o = self.buffer(np, "o", rows, e, qf)
-        kv = np.zeros((m, e), dtype=qf.dtype) if kv0 is None else kv0
+        dv = vb.shape[1]
+        v1 = self.buffer(np, "v1", rows, dv + 1, vb)
+        v1[:, :dv] = vb
+        v1[:, dv] = 1.0
+        o = self.buffer(np, "o", rows, dv + 1, qf)
+        kv = np.zeros((m, dv + 1), dtype=qf.dtype) if kv0 is None else kv0
         split = rows - rows % chunk
         for lo, hi, c in ((0, split, chunk), (split, rows, rows - split)):
             if hi > lo:
@@ -143,11 +168,12 @@ class NumpyOps(TiledOps):
         """The queries' exponent matrix with a row for the shift, and its constants."""
         d = wq.shape[0] - 1
         bias = wq[d]
+        norms = np.sqrt((wq[:d] ** 2).sum(axis=0))
         return _Queries(
             np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)]),
-            float(np.sqrt((wq[:d] ** 2).sum(axis=0).max())),
+            float(norms.max()),
             float(bias.max()),
-            float(bias.max() - bias.min()),
+            _limit(norms, bias),
         )
 
     def query_block(self, xp: Any, x: Any, wq: Any) -> Any:
@@ -157,10 +183,10 @@ class NumpyOps(TiledOps):
         shift ``s(x) = |x| R + max c + 1`` (``R`` the largest column norm of the
         projection, ``c`` the bias row) is an upper bound of the row's exponents computed
         from ``x`` alone and enters the matmul as one more column, so every exponent is
-        <= 0. Every exponent is also >= ``-(2 |x| R + max c - min c + 1)``: when that is
-        above ``-GAP`` for the whole block (the usual case) nothing can underflow;
-        otherwise rows where a sample of the exponents shows the max more than ``GAP``
-        below the bound get the exact row max, so no row's features underflow.
+        <= 0. Rows whose largest exponent may fall more than ``GAP`` below it (``|x|``
+        above a limit computed once per matrix, :func:`_limit`: none, or the few of the
+        norms' tail, usually) take the exact row max instead, so no row's largest
+        features come near underflow.
         """
         rows, d = x.shape
         aug = self.buffer(np, "q_in", rows, d + 2, x)
@@ -169,23 +195,41 @@ class NumpyOps(TiledOps):
         norm = aug[:, d + 1]
         np.einsum("ij,ij->i", x, x, out=norm)
         np.sqrt(norm, out=norm)
-        deep = rows > 0 and 2 * float(norm.max()) * wq.radius + wq.spread + 1 >= GAP
+        far = np.flatnonzero(norm >= wq.limit)
         norm *= -wq.radius
         norm -= wq.top + 1.0
         e = np.matmul(aug, wq.matrix, out=self.buffer(np, "q", rows, wq.matrix.shape[1], x))
-        if deep:  # (a max over rows of a strided (rows, 16) view costs 4x the copy)
-            low = e[:, :SAMPLE].T.copy().max(axis=0) < -GAP
-            if low.any():
-                e[low] -= e[low].max(axis=1, keepdims=True)
+        if far.size:
+            e[far] -= e[far].max(axis=1, keepdims=True)
         return np.exp(e, out=e)
 
-    def key_sums(self, xp: ModuleType, kf: Any, v1: Any) -> Any:
-        """``kf^T [V | 1]``."""
-        return np.matmul(kf.T, v1)
+    def key_sums(self, xp: ModuleType, kf: Any, vb: Any) -> Any:
+        """``kf^T [V | 1]``: ``kf^T V`` and the column sums as a vector-matrix product."""
+        m, dv = kf.shape[1], vb.shape[1]
+        kv = np.empty((m, dv + 1), dtype=kf.dtype)
+        np.matmul(kf.T, vb, out=kv[:, :dv])
+        np.matmul(_ones(kf.shape[0], kf.dtype), kf, out=kv[:, dv])
+        return kv
 
-    def answer(self, xp: ModuleType, qf: Any, kv: Any) -> Any:
-        """``qf kv`` into this thread's buffer."""
-        return np.matmul(qf, kv, out=self.buffer(np, "o", qf.shape[0], kv.shape[1], qf))
+    def answer(self, xp: ModuleType, qf: Any, kv: Any, out: Any) -> tuple[Any, Any]:
+        """``qf kv[:, :dv]`` straight into ``out``, divided in place by ``qf kv[:, dv]``.
+
+        Rows with a normaliser <= the smallest normal number give 0, as
+        :func:`favorcore._linear.normalise` (the reciprocal is set to 0 there; a NaN
+        normaliser stays NaN).
+        """
+        dv = kv.shape[1] - 1
+        np.matmul(qf, kv[:, :dv], out=out)
+        den = np.matmul(qf, kv[:, dv])
+        small = den <= np.finfo(den.dtype).smallest_normal
+        if small.any():  # (errstate costs 20 us a call: only here)
+            with np.errstate(divide="ignore", over="ignore"):
+                np.reciprocal(den, out=den)
+            den[small] = 0.0
+        else:
+            np.reciprocal(den, out=den)
+        np.multiply(out, den[:, None], out=out)
+        return out, small[:, None]
 
     def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""

@@ -38,7 +38,7 @@ from favorcore import (
 )
 from favorcore._tiled import TiledOps
 
-from .numpy import GAP, SAMPLE, _Queries
+from .numpy import _limit, _Queries
 
 __all__ = [
     "DEFAULT_SEGMENT",
@@ -67,10 +67,16 @@ class TorchOps(TiledOps):
     in-place operations on tensors autograd needs are not allowed.
     """
 
-    block = 4096  # measured (docs: performance): 1024 -> 129 ms, 4096 -> 123 ms at L = 16384
+    #: rows per causal block; bidirectional blocks are 4x as long (measured at L = 16384,
+    #: ms, bidirectional / causal: 4096 rows 138 / 187, 8192 130 / 187, 16384 125 / 206:
+    #: each operation costs PyTorch ~20 us, and causal blocks hold their chunks' prefixes)
+    block = 4096
     #: causal chunk length, measured at L = 16384 (causal / bidirectional time, 2 cores):
     #: 32 -> 1.52x, 64 -> 1.29x, 128 -> 1.30x, 256 -> 1.58x
     chunk = 64
+
+    def block_size(self, length: int, causal: bool) -> int:
+        return self.block if causal else 4 * self.block
 
     @staticmethod
     def _recording(*tensors: torch.Tensor) -> bool:
@@ -84,17 +90,15 @@ class TorchOps(TiledOps):
         rows, d = y.shape
         aug = self.buffer(xp, "k_in", rows, d + 2, y)
         aug[:, :d] = y
-        aug[:, d] = (y * y).sum(1).mul_(-c)
+        aug[:, d] = torch.linalg.vector_norm(y, dim=1).square_().mul_(-c)  # (3x (y * y).sum)
         aug[:, d + 1] = 1.0
         kf = torch.mm(aug, wk, out=self.buffer(xp, "k", rows, wk.shape[1], y)).exp_()
-        v1 = self.buffer(xp, "v1", rows, v.shape[1] + 1, v)
-        v1[:, :-1] = v
-        v1[:, -1] = 1.0
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
             drop = ~keep[:, 0]
             kf[drop] = 0.0
-            v1[drop] = 0.0
-        return kf, v1
+            v = self.buffer(xp, "v", rows, v.shape[1], v).copy_(v)
+            v[drop] = 0.0
+        return kf, v
 
     def transform(self, xp: Any, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self._recording(y, t):
@@ -108,15 +112,13 @@ class TorchOps(TiledOps):
             return wq
         d = wq.shape[0] - 1
         bias = wq[d]
-        radius, top = wq[:d].square().sum(0).amax().sqrt(), bias.amax()
+        norms = wq[:d].square().sum(0).sqrt()
+        radius, top = norms.amax(), bias.amax()
+        matrix = torch.cat([wq, torch.ones_like(wq[:1])])
         if wq.device.type != "cpu":  # 0-d tensors: no host sync (a GPU takes the exact max)
-            return _Queries(torch.cat([wq, torch.ones_like(wq[:1])]), radius, top, 0.0)
-        return _Queries(
-            torch.cat([wq, torch.ones_like(wq[:1])]),
-            float(radius),
-            float(top),
-            float(top - bias.amin()),
-        )
+            return _Queries(matrix, radius, top, 0.0)
+        limit = _limit(norms.double().numpy(), bias.double().numpy())
+        return _Queries(matrix, float(radius), float(top), limit)
 
     def query_block(self, xp: Any, x: torch.Tensor, wq: Any) -> torch.Tensor:
         if not isinstance(wq, _Queries) or self._recording(x):
@@ -135,21 +137,24 @@ class TorchOps(TiledOps):
         e = torch.mm(aug, wq.matrix, out=self.buffer(xp, "q", rows, wq.matrix.shape[1], x))
         if rows and e.device.type != "cpu":
             e.sub_(e.amax(1, keepdim=True))  # exact max: no host sync per block on a GPU
-        elif rows and 2 * float(norm.max()) * wq.radius + wq.spread + 1 >= GAP:
-            low = e[:, :SAMPLE].amax(1) < -GAP
-            if bool(low.any()):
-                e[low] -= e[low].amax(1, keepdim=True)
+        elif rows:
+            far = torch.nonzero(norm >= wq.limit).squeeze(1)
+            if far.numel():
+                e[far] -= e[far].amax(1, keepdim=True)
         return e.exp_()
 
-    def causal(self, xp: Any, qf: torch.Tensor, kf: torch.Tensor, v1: torch.Tensor,
+    def causal(self, xp: Any, qf: torch.Tensor, kf: torch.Tensor, vb: torch.Tensor,
                kv0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """As the NumPy adapter's: the chunks' products in place (``baddbmm_`` adds the
         intra-chunk term into the output), the prefix sums by in-place adds."""
-        if self._recording(qf, kf, v1, *(() if kv0 is None else (kv0,))):
-            plain: tuple[torch.Tensor, torch.Tensor] = super().causal(xp, qf, kf, v1, kv0, chunk)
+        if self._recording(qf, kf, vb, *(() if kv0 is None else (kv0,))):
+            plain: tuple[torch.Tensor, torch.Tensor] = super().causal(xp, qf, kf, vb, kv0, chunk)
             return plain
         rows, m = qf.shape
-        e = v1.shape[1]
+        e = vb.shape[1] + 1
+        v1 = self.buffer(xp, "v1", rows, e, vb)
+        v1[:, :-1] = vb
+        v1[:, -1] = 1.0
         o = torch.empty(rows, e, dtype=qf.dtype, device=qf.device)
         kv = torch.zeros(m, e, dtype=qf.dtype, device=qf.device) if kv0 is None else kv0
         split = rows - rows % chunk
@@ -176,6 +181,28 @@ class TorchOps(TiledOps):
         if self._recording(*inputs):
             return None
         return torch.empty(shape, dtype=inputs[0].dtype, device=inputs[0].device)
+
+    def key_sums(self, xp: Any, kf: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        """``kf^T V`` and the column sums as a matrix-vector product."""
+        if self._recording(kf, vb):
+            plain: torch.Tensor = super().key_sums(xp, kf, vb)
+            return plain
+        kt = kf.T
+        ones = torch.ones(kf.shape[0], dtype=kf.dtype, device=kf.device)
+        return torch.cat([kt @ vb, torch.mv(kt, ones)[:, None]], dim=1)
+
+    def answer(self, xp: Any, qf: torch.Tensor, kv: torch.Tensor,
+               out: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """As the NumPy adapter's: ``qf kv[:, :dv]`` into ``out``, scaled in place."""
+        if out is None:
+            return super().answer(xp, qf, kv, out)
+        dv = kv.shape[1] - 1
+        torch.mm(qf, kv[:, :dv].contiguous(), out=out)  # (MKL: 1.8x slower with ld = dv + 1)
+        den = torch.mv(qf, kv[:, dv])
+        # as favorcore._linear.normalise: 0 where the normaliser is tiny, NaN stays NaN
+        small = den <= torch.finfo(den.dtype).smallest_normal
+        out.mul_(den.reciprocal_().masked_fill_(small, 0.0)[:, None])
+        return out, small[:, None]
 
     def normalise(self, xp: Any, o: torch.Tensor, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
