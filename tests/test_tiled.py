@@ -216,3 +216,32 @@ def test_adapter_steps_across_blocks_equal_core_path(
     # that and still fails on any wrong chunk, state or mask (errors of order 1)
     np.testing.assert_allclose(to_numpy(kv), to_numpy(want_state.kv), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(to_numpy(out), to_numpy(want), rtol=1e-10, atol=1e-12)
+
+
+def test_query_norm_limit_is_a_bound_and_tight() -> None:
+    # Below _limit, a query row's largest exponent is within GAP of the fast path's shift
+    # |x| R + max c + 1 (so only rows above it need the exact row max).
+    from favorcore_backends.numpy import GAP, _limit
+
+    rng = np.random.default_rng(5)
+    # one feature: x against w is the worst case, and the bound is tight at the limit
+    w, c = rng.standard_normal(8), np.array([3.0])
+    n = np.array([np.linalg.norm(w)])
+    lim = _limit(n, c)
+    for t, ok in ((lim * (1 - 1e-9), True), (lim * (1 + 1e-6), False)):
+        x = -t * w / n[0]
+        gap = (x @ w + c[0]) - (t * n[0] + c[0] + 1)
+        assert (gap >= -GAP) == ok
+    # many features, biases spread over 12: random rows of every norm up to the limit
+    wq = rng.standard_normal((8, 64)) * rng.uniform(0.2, 2.0, 64)
+    bias = rng.uniform(-12.0, 0.0, 64)
+    norms = np.linalg.norm(wq, axis=0)
+    lim = _limit(norms, bias)
+    assert 0 < lim < np.inf
+    x = rng.standard_normal((4000, 8))
+    x *= rng.uniform(0, lim, (4000, 1)) / np.linalg.norm(x, axis=1, keepdims=True)
+    top = (x @ wq + bias).max(axis=1)
+    shift = np.linalg.norm(x, axis=1) * norms.max() + bias.max() + 1
+    assert (top - shift >= -GAP).all()
+    # a zero projection: every exponent is its bias, the largest is the shift minus 1
+    assert _limit(np.zeros(3), np.array([0.0, -50.0, -2.0])) == np.inf

@@ -61,10 +61,10 @@ def _limit(norms: np.ndarray, bias: np.ndarray) -> float:
     max minus the bound is ``>= c_j - |x| (n_j + R) - max c - 1`` for every ``j``: that is
     ``>= -GAP`` when ``|x| <= (GAP - 1 - (max c - c_j)) / (n_j + R)`` for some ``j``.
     """
-    radius, room = float(norms.max()), GAP - 1 - (bias.max() - bias)
-    if radius <= 0:  # every exponent is c_j
-        return math.inf if room.min() >= 0 else -math.inf
-    return float((room / (norms + radius)).max())
+    radius = float(norms.max())
+    if radius <= 0:  # every exponent is c_j: the row max is the bound minus 1
+        return math.inf
+    return float(((GAP - 1 - (bias.max() - bias)) / (norms + radius)).max())
 
 
 @functools.lru_cache(maxsize=8)
