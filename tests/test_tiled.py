@@ -232,12 +232,17 @@ def test_query_norm_limit_is_a_bound_and_tight() -> None:
         x = -t * w / n[0]
         gap = (x @ w + c[0]) - (t * n[0] + c[0] + 1)
         assert (gap >= -GAP) == ok
-    # many features, biases spread over 12: random rows of every norm up to the limit
+    # many features, biases spread over 12
     wq = rng.standard_normal((8, 64)) * rng.uniform(0.2, 2.0, 64)
     bias = rng.uniform(-12.0, 0.0, 64)
     norms = np.linalg.norm(wq, axis=0)
     lim = _limit(norms, bias)
     assert 0 < lim < np.inf
+    # the limit is where the bound max_j (c_j - t n_j) - t R - max c - 1 crosses -GAP
+    bound = lambda t: (bias - t * norms).max() - t * norms.max() - bias.max() - 1
+    assert bound(lim) == pytest.approx(-GAP, rel=1e-12)
+    assert bound(lim * (1 + 1e-6)) < -GAP
+    # and rows of every norm up to the limit are within it (soundness, on random rows)
     x = rng.standard_normal((4000, 8))
     x *= rng.uniform(0, lim, (4000, 1)) / np.linalg.norm(x, axis=1, keepdims=True)
     top = (x @ wq + bias).max(axis=1)

@@ -118,7 +118,7 @@ class TorchOps(TiledOps):
         matrix = torch.cat([wq, torch.ones_like(wq[:1])])
         if wq.device.type != "cpu":  # 0-d tensors: no host sync (a GPU takes the exact max)
             return _Queries(matrix, radius, top, 0.0)
-        limit = _limit(norms.double().numpy(), bias.double().numpy())
+        limit = _limit(norms.detach().double().numpy(), bias.detach().double().numpy())
         return _Queries(matrix, float(radius), float(top), limit)
 
     def query_block(self, xp: Any, x: torch.Tensor, wq: Any) -> torch.Tensor:
