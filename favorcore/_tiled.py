@@ -85,6 +85,13 @@ class TiledOps:
         """Rows per block for a sequence of ``length`` rows (:attr:`block`)."""
         return self.block
 
+    def fits(self, *inputs: Array) -> bool:
+        """Whether these steps can run a call on ``inputs`` (every array the result
+        depends on); when not, the engine runs the standard steps with the same block
+        size (e.g. PyTorch while autograd records: in-place steps on reused buffers would
+        overwrite tensors it saved for the backward pass)."""
+        return True
+
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """Entered around a whole call: its statistics, coefficients and the engine."""
         return contextlib.nullcontext()
@@ -280,6 +287,13 @@ def tiled_attention(
         )
         half_root_sq = 0.5
 
+    extra = [a for a in (tk, kv3) if a is not None]
+    if not ops.fits(x3, y3, v3, wk, wq, *extra):
+        plain = TiledOps()
+        plain.block = ops.block_size(max(lq, lk), causal)
+        plain.vectorized = ops.vectorized
+        ops = plain
+
     # a group of batch rows is one row ``n`` (eager adapters: 2-D blocks, buffers) or
     # every row at once (``ops.vectorized``: 3-D blocks, e.g. under jax.jit, so that the
     # traced program has one copy of the block computation per block, not per row)
@@ -323,7 +337,7 @@ def tiled_attention(
         return kv
 
     parts = max(1, -(-ops.workers // len(groups)))
-    dest = ops.output(xp, (n_rows, lq, dv), x3, y3, v3, wk, wq)
+    dest = ops.output(xp, (n_rows, lq, dv), x3, y3, v3, wk, wq, *extra)
 
     def into(g: Any, s: int, e: int) -> Array | None:
         return None if dest is None else dest[g, s:e, :]

@@ -114,14 +114,22 @@ def test_registered_fast_path_equals_core_path(
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("huge", ["many", "few"])
 def test_fast_path_with_query_norms_from_tiny_to_huge(
-    backend: Backend, rng: np.random.Generator, causal: bool
+    backend: Backend, rng: np.random.Generator, causal: bool, huge: str
 ) -> None:
     # The NumPy fast path shifts query exponents by a bound computed from |x|; rows whose
-    # exponents fall far below it (huge norms) must take the exact row max: no underflow,
-    # same result as the core path.
+    # exponents may fall far below it (large norms) must take the exact row max: no
+    # underflow, same result as the core path. "many": norms 1e-3 ... 316 (about a third
+    # of the rows above the limit: every row of the block takes the exact max); "few":
+    # 5 rows of norm 300 among rows of norm 0.1 (only those rows take it).
     q = rng.standard_normal((1, 2, 600, 16))
-    q *= np.logspace(-3, 2.5, 600)[:, None] / np.linalg.norm(q, axis=-1, keepdims=True)
+    norms = (
+        np.logspace(-3, 2.5, 600)
+        if huge == "many"
+        else np.where(np.arange(600) % 120 == 7, 300.0, 0.1)
+    )
+    q *= norms[:, None] / np.linalg.norm(q, axis=-1, keepdims=True)
     k, v = rng.standard_normal((1, 2, 600, 16)), rng.standard_normal((1, 2, 600, 16))
     fmap = fc.PositiveFeatures(m=64, seed=1)
     a = backend.asarray

@@ -362,3 +362,40 @@ def test_module_rejects_bad_calls() -> None:
         ftorch.FavorAttention(32, 4, features="favor+")
     with pytest.raises(ValueError, match="FAVOR attention honours causal or full attention"):
         ftorch._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("needs", ["k", "v", "state"])
+def test_gradient_of_keys_alone_across_blocks(causal: bool, needs: str) -> None:
+    # Only the keys, the values or the carried state require grad (queries do not): the
+    # fast path's reused query buffers, saved by autograd in one block and overwritten in
+    # the next, once made backward fail. The engine now runs the standard steps for the
+    # whole call; gradients equal the plain core's.
+    import array_api_compat
+
+    from favorcore._registry import lookup, register_step
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    kv0 = torch.rand(1, 2, 16, 9, dtype=torch.float64, generator=gen) if causal else None
+    leaf = {"k": k, "v": v, "state": kv0 if causal else k}[needs].requires_grad_()
+    fmap = fc.PositiveFeatures(m=16, seed=4)
+
+    def grad() -> torch.Tensor:
+        state = None if kv0 is None else fc.AttentionState(kv0)
+        out = fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=False,
+                                 state=state, chunk_size=8)  # fmt: skip
+        (g,) = torch.autograd.grad(out.square().sum(), leaf)
+        return g
+
+    registered = lookup(array_api_compat.array_namespace(q), "tiled")
+    small = copy.copy(registered)
+    small.block = 32  # several blocks (bidirectional: 4 x 32 rows)
+    register_step("array_api_compat.torch", "tiled", small)
+    try:
+        fast = grad()
+    finally:
+        register_step("array_api_compat.torch", "tiled", registered)
+    with fc.fast_paths(False):
+        plain = grad()
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)

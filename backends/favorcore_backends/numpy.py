@@ -186,7 +186,10 @@ class NumpyOps(TiledOps):
         <= 0. Rows whose largest exponent may fall more than ``GAP`` below it (``|x|``
         above a limit computed once per matrix, :func:`_limit`: none, or the few of the
         norms' tail, usually) take the exact row max instead, so no row's largest
-        features come near underflow.
+        features come near underflow. Once more than an eighth of the block's rows do,
+        every row takes it in place: gathering and scattering the rows cost more
+        (measured at L = 16384, unit-variance inputs, where every row is beyond the limit
+        when ``d = 64``: 184 -> 154 ms bidirectional, 273 -> 201 ms causal).
         """
         rows, d = x.shape
         aug = self.buffer(np, "q_in", rows, d + 2, x)
@@ -199,7 +202,9 @@ class NumpyOps(TiledOps):
         norm *= -wq.radius
         norm -= wq.top + 1.0
         e = np.matmul(aug, wq.matrix, out=self.buffer(np, "q", rows, wq.matrix.shape[1], x))
-        if far.size:
+        if far.size * 8 > rows:  # many: every row's exact max, in place
+            np.subtract(e, e.max(axis=1, keepdims=True), out=e)
+        elif far.size:
             e[far] -= e[far].max(axis=1, keepdims=True)
         return np.exp(e, out=e)
 
