@@ -154,6 +154,22 @@ class TiledOps:
         ``(result, small)`` as :meth:`finish` (``result`` may be ``out``)."""
         return self.finish(xp, qf @ kv, kv, out)
 
+    def attend(
+        self, xp: ModuleType, x: Array, wq: Any, kv: Array, out: Array | None
+    ) -> tuple[Array, Array]:
+        """A block of queries ``x`` (``wq`` as :meth:`prepare` returned it) answered from
+        the key sums ``kv``: :meth:`answer` of :meth:`query_block`."""
+        return self.answer(xp, self.query_block(xp, x, wq), kv, out)
+
+    def attend_causal(
+        self, xp: ModuleType, x: Array, wq: Any, kf: Array, vb: Array, kv0: Array | None,
+        chunk: int, out: Array | None,
+    ) -> tuple[tuple[Array, Array], Array]:  # fmt: skip
+        """A causal block: ``((result, small), state after it)``, :meth:`causal` of
+        :meth:`query_block`, then :meth:`finish`."""
+        o, kv = self.causal(xp, self.query_block(xp, x, wq), kf, vb, kv0, chunk)
+        return self.finish(xp, o, kv, out), kv
+
     def finish(self, xp: ModuleType, o: Array, kv: Array, out: Array | None) -> tuple[Array, Array]:
         """``(normalised o, small)``: ``small`` ``(..., rows, 1)`` marks rows whose
         normaliser (``o``'s last column) was <= the smallest normal number (their result
@@ -315,10 +331,8 @@ def tiled_attention(
         else [ops.prepare(xp, wq[r, ...]) for r in range(wq.shape[0])]
     )
 
-    def queries(g: Any, lo: int, hi: int) -> Array:
-        return ops.query_block(
-            xp, x3[g, lo:hi, :], prepared[g % len(prepared) if isinstance(g, int) else 0]
-        )
+    def query_matrix(g: Any) -> Any:
+        return prepared[g % len(prepared) if isinstance(g, int) else 0]
 
     size = ops.block_size(max(lq, lk), causal)
 
@@ -355,7 +369,7 @@ def tiled_attention(
         def answer(item: tuple[int, Any, int, int]) -> list[tuple[Array, Array]]:
             i, g, lo, hi = item
             return [
-                ops.answer(xp, queries(g, s, e), totals[i], into(g, s, e))
+                ops.attend(xp, x3[g, s:e, :], query_matrix(g), totals[i], into(g, s, e))
                 for s, e in blocks(lo, hi)
             ]
 
@@ -384,8 +398,10 @@ def tiled_attention(
             state, outs = starts[i][j], []
             for s, e in blocks(lo, hi):
                 kf, vb = keys(g, s, e)
-                o, state = ops.causal(xp, queries(g, s, e), kf, vb, state, chunk)
-                outs.append(ops.finish(xp, o, state, into(g, s, e)))
+                done, state = ops.attend_causal(
+                    xp, x3[g, s:e, :], query_matrix(g), kf, vb, state, chunk, into(g, s, e)
+                )
+                outs.append(done)
             return outs, state
 
         results = ops.map(

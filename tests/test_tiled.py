@@ -258,3 +258,53 @@ def test_query_norm_limit_is_a_bound_and_tight() -> None:
     assert (top - shift >= -GAP).all()
     # a zero projection: every exponent is its bias, the largest is the shift minus 1
     assert _limit(np.zeros(3), np.array([0.0, -50.0, -2.0])) == np.inf
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("weak_rows", [0, 1, 20])
+def test_numpy_bound_trusted_then_checked(
+    monkeypatch: pytest.MonkeyPatch, causal: bool, weak_rows: int
+) -> None:
+    # NumPy's fast path trusts its bound shift for rows above the norm limit when the
+    # largest-norm ones (the probe) are within GAP of it, and checks the others
+    # after the products through their normaliser. Here the probe rows are aligned with
+    # the longest projection row (exponent ~ the bound), and rows of smaller norm are
+    # anti-aligned with every row (exponents ~ 1.5 |x| R below the bound: their float32
+    # features underflow to 0 with the bound shift). They must be caught and
+    # recomputed with the exact row max: those rows alone (causal too), or the whole
+    # causal block once they are more than an eighth of it.
+    import array_api_compat.numpy
+
+    from favorcore._registry import lookup, register_step
+
+    fnumpy = pytest.importorskip("favorcore_backends.numpy")
+    rng = np.random.default_rng(5)
+    d, m, n = 16, 4, 100
+    fmap = fc.PositiveFeatures(m=m, seed=0)
+    w = np.asarray(fmap.projection_like(np.zeros((1, d))), dtype=np.float64)  # (m, d)
+    lengths = np.linalg.norm(w, axis=1)
+    s = 80.0 / lengths.max()  # ~ -1.5 * 80 = -120 below the bound for the weak rows
+    q = rng.standard_normal((1, 1, n, d)) * 0.05
+    q[0, 0, :20] = 2 * s * w[np.argmax(lengths)] / lengths.max()  # the probe: aligned
+    u = (w / lengths[:, None]).sum(axis=0)
+    q[0, 0, 50 : 50 + weak_rows] = -s * u / np.linalg.norm(u)  # every w . x < 0
+    k, v = rng.standard_normal((1, 1, n, d)) * 0.3, rng.standard_normal((1, 1, n, d))
+    q, k, v = (a.astype(np.float32) for a in (q, k, v))
+    calls = []
+    exact = fnumpy.NumpyOps._exact
+    monkeypatch.setattr(
+        fnumpy.NumpyOps, "_exact", staticmethod(lambda x, wq: calls.append(len(x)) or exact(x, wq))
+    )
+    kw = {"features": fmap, "causal": causal, "balance": False, "scale": 1.0}
+    registered = lookup(array_api_compat.numpy, "tiled")
+    register_step("array_api_compat.numpy", "tiled", fnumpy.NumpyOps(workers=1))  # one block
+    try:
+        fast = fc.favor_attention(q, k, v, **kw)
+    finally:
+        register_step("array_api_compat.numpy", "tiled", registered)
+    with fc.fast_paths(False):
+        plain = fc.favor_attention(q, k, v, **kw)
+    assert calls == ([] if not weak_rows else [n] if causal and weak_rows > 1 else [weak_rows])
+    # float32, 100 keys and 4 features summed in another order; the weak row's output
+    # would be 0 (an underflowed normaliser) without the check
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)

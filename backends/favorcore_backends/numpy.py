@@ -42,20 +42,34 @@ BLOCK = 2048
 CHUNK = 64
 #: query rows whose exponents may fall more than GAP below the bound take the exact row max
 GAP = 40.0
+#: rows above the norm limit looked at (the largest norms) before the bound is trusted
+PROBE = 8
+
+
+def _weak(qf: Any, den: Any, checked: Any, kv: Any) -> Any:
+    """The ``checked`` rows of ``qf`` whose largest feature is below ``exp(-GAP)`` (or NaN).
+
+    Their normalisers ``den = qf . s`` (``s = kv[:, -1]``, the key features' sums) pick
+    the candidates first: ``den <= max(qf) sum(s)``, so a row with
+    ``den >= exp(-GAP) sum(s)`` is not one; only the others' rows are read.
+    """
+    floor = math.exp(-GAP) * float(kv[:, -1].sum(dtype=np.float64))
+    rows = checked[~(den[checked] >= floor)]
+    return rows[~(qf[rows].max(axis=1) >= math.exp(-GAP))]
 
 
 class _Queries(NamedTuple):
     """The NumPy fast path's queries' exponent matrix and its constants."""
 
-    matrix: Any  # [wq; 1]: the last row multiplies the shift column (NumPy or PyTorch)
-    radius: Any  # the largest column norm of the projection rows (a float on the CPU)
-    top: Any  # the largest bias (a float on the CPU)
-    limit: float  # rows with |x| >= limit may fall GAP below the bound (read on the CPU only)
+    matrix: Any  # [wq; 1]: the last row multiplies the shift column
+    radius: float  # the largest column norm of the projection rows
+    top: float  # the largest bias
+    limit: float  # rows with |x| >= limit may fall GAP below the bound
 
 
 def _limit(norms: np.ndarray, bias: np.ndarray) -> float:
     """The query norm below which a row's largest exponent is provably within ``GAP`` of
-    the bound ``|x| R + max c + 1`` (see ``NumpyOps.query_block``).
+    the bound ``|x| R + max c + 1`` (see ``NumpyOps._features``).
 
     Feature ``j``'s exponent is ``>= c_j - |x| n_j`` (``n_j`` its column norm), so the row
     max minus the bound is ``>= c_j - |x| (n_j + R) - max c - 1`` for every ``j``: that is
@@ -177,19 +191,27 @@ class NumpyOps(TiledOps):
         )
 
     def query_block(self, xp: Any, x: Any, wq: Any) -> Any:
-        """Queries' features in this thread's buffer: one matmul, one ``exp``.
+        """Queries' features in this thread's buffer (:meth:`_features`; rows that may
+        fall far below the bound take the exact row max up front)."""
+        return self._features(x, wq, check=False)[0]
+
+    def _features(self, x: Any, wq: _Queries, check: bool) -> tuple[Any, Any]:
+        """``(phi(Q_b), rows to check)``: one matmul, one ``exp``, in this thread's buffer.
 
         Any per-row shift is exact for queries. Instead of a pass for the row max, the
         shift ``s(x) = |x| R + max c + 1`` (``R`` the largest column norm of the
         projection, ``c`` the bias row) is an upper bound of the row's exponents computed
         from ``x`` alone and enters the matmul as one more column, so every exponent is
-        <= 0. Rows whose largest exponent may fall more than ``GAP`` below it (``|x|``
-        above a limit computed once per matrix, :func:`_limit`: none, or the few of the
-        norms' tail, usually) take the exact row max instead, so no row's largest
-        features come near underflow. Once more than an eighth of the block's rows do,
-        every row takes it in place: gathering and scattering the rows cost more
-        (measured at L = 16384, unit-variance inputs, where every row is beyond the limit
-        when ``d = 64``: 184 -> 154 ms bidirectional, 273 -> 201 ms causal).
+        <= 0 (no overflow, whatever ``x``). A row's largest feature must also stay far
+        from underflow: below a norm limit computed once per matrix (:func:`_limit`) it
+        is provably within ``exp(-GAP)`` of 1. Rows above it (unit-variance inputs are,
+        for ``d = 64``) are usually within it too, as the bound assumes ``x`` aligned
+        with the longest projection row: the largest-norm ones (``PROBE``) are looked at;
+        if any falls more than ``GAP`` below the bound, the rows above the limit
+        take the exact row max now (every row of the block in place once they are more
+        than an eighth of it: gathering and scattering them costs more). Otherwise, with
+        ``check``, they are returned as the rows whose normalisers the caller checks
+        (:func:`_weak`); without it, they take the exact max.
         """
         rows, d = x.shape
         aug = self.buffer(np, "q_in", rows, d + 2, x)
@@ -199,14 +221,69 @@ class NumpyOps(TiledOps):
         np.einsum("ij,ij->i", x, x, out=norm)
         np.sqrt(norm, out=norm)
         far = np.flatnonzero(norm >= wq.limit)
+        probe = far[np.argpartition(norm[far], -PROBE)[-PROBE:]] if far.size > PROBE else far
         norm *= -wq.radius
         norm -= wq.top + 1.0
         e = np.matmul(aug, wq.matrix, out=self.buffer(np, "q", rows, wq.matrix.shape[1], x))
-        if far.size * 8 > rows:  # many: every row's exact max, in place
+        checked = None
+        if far.size and check and e[probe].max(axis=1).min() >= -GAP:
+            checked = far
+        elif far.size * 8 > rows:
             np.subtract(e, e.max(axis=1, keepdims=True), out=e)
         elif far.size:
             e[far] -= e[far].max(axis=1, keepdims=True)
+        return np.exp(e, out=e), checked
+
+    @staticmethod
+    def _exact(x: Any, wq: _Queries) -> Any:
+        """Features of the rows ``x`` with the exact row max (a new array)."""
+        d = x.shape[1]
+        e = x @ wq.matrix[:d] + wq.matrix[d]
+        e -= e.max(axis=1, keepdims=True)
         return np.exp(e, out=e)
+
+    def attend(self, xp: ModuleType, x: Any, wq: Any, kv: Any, out: Any) -> tuple[Any, Any]:
+        """:meth:`answer` of :meth:`_features`; checked rows whose largest feature is
+        below ``exp(-GAP)`` (:func:`_weak`) are recomputed from features with the exact
+        row max."""
+        qf, checked = self._features(x, wq, check=True)
+        den = self._products(qf, kv, out)
+        if checked is not None:
+            weak = _weak(qf, den, checked, kv)
+            if weak.size:
+                self._products(self._exact(x[weak], wq), kv, out, weak, den)
+        return out, self._normalise_rows(out, den)
+
+    def attend_causal(
+        self, xp: ModuleType, x: Any, wq: Any, kf: Any, vb: Any, kv0: Any, chunk: int,
+        out: Any,
+    ) -> tuple[tuple[Any, Any], Any]:  # fmt: skip
+        """:meth:`causal` of :meth:`_features`; checked rows whose largest feature is
+        below ``exp(-GAP)`` (:func:`_weak`, against the key sums after the block: they
+        bound every row's) are recomputed from features with the exact row max, one by
+        one (:meth:`_causal_rows`) or, once more than an eighth of the block, all."""
+        qf, checked = self._features(x, wq, check=True)
+        o, kv = self.causal(xp, qf, kf, vb, kv0, chunk)
+        if checked is not None:
+            weak = _weak(qf, o[:, vb.shape[1]], checked, kv)
+            if weak.size * 8 > x.shape[0]:
+                o, kv = self.causal(xp, self._exact(x, wq), kf, vb, kv0, chunk)
+            elif weak.size:
+                o[weak] = self._causal_rows(self._exact(x[weak], wq), weak, kf, vb, kv0)
+        return self.finish(xp, o, kv, out), kv
+
+    @staticmethod
+    def _causal_rows(qw: Any, rows: Any, kf: Any, vb: Any, kv0: Any) -> Any:
+        """``[phi(Q) ... | D]`` of the block's ``rows`` (features ``qw``) from the state
+        before the block and the block's keys up to each row, directly."""
+        scores = qw @ kf.T
+        scores[np.arange(kf.shape[0]) > rows[:, None]] = 0.0  # the keys after each row
+        o = np.empty((rows.size, vb.shape[1] + 1), dtype=qw.dtype)
+        np.matmul(scores, vb, out=o[:, :-1])
+        o[:, -1] = scores.sum(axis=1)
+        if kv0 is not None:
+            o += qw @ kv0
+        return o
 
     def key_sums(self, xp: ModuleType, kf: Any, vb: Any) -> Any:
         """``kf^T [V | 1]``: ``kf^T V`` and the column sums as a vector-matrix product."""
@@ -217,15 +294,27 @@ class NumpyOps(TiledOps):
         return kv
 
     def answer(self, xp: ModuleType, qf: Any, kv: Any, out: Any) -> tuple[Any, Any]:
-        """``qf kv[:, :dv]`` straight into ``out``, divided in place by ``qf kv[:, dv]``.
+        """``qf kv[:, :dv]`` straight into ``out``, divided in place by ``qf kv[:, dv]``."""
+        den = self._products(qf, kv, out)
+        return out, self._normalise_rows(out, den)
 
-        Rows with a normaliser <= the smallest normal number give 0, as
-        :func:`favorcore._linear.normalise` (the reciprocal is set to 0 there; a NaN
-        normaliser stays NaN).
-        """
+    @staticmethod
+    def _products(qf: Any, kv: Any, out: Any, rows: Any = None, den: Any = None) -> Any:
+        """``out = qf kv[:, :dv]``; returns ``qf kv[:, dv]``. With ``rows``, ``qf`` holds
+        only those rows: their results go into ``out[rows]`` and ``den[rows]``."""
         dv = kv.shape[1] - 1
-        np.matmul(qf, kv[:, :dv], out=out)
-        den = np.matmul(qf, kv[:, dv])
+        if rows is None:
+            np.matmul(qf, kv[:, :dv], out=out)
+            return np.matmul(qf, kv[:, dv])
+        out[rows] = qf @ kv[:, :dv]
+        den[rows] = qf @ kv[:, dv]
+        return den
+
+    @staticmethod
+    def _normalise_rows(out: Any, den: Any) -> Any:
+        """Divide ``out``'s rows by ``den`` in place; ``(rows, 1)``: whose normaliser was
+        <= the smallest normal number (their result is 0, as
+        :func:`favorcore._linear.normalise`; a NaN normaliser stays NaN)."""
         small = den <= np.finfo(den.dtype).smallest_normal
         if small.any():  # (errstate costs 20 us a call: only here)
             with np.errstate(divide="ignore", over="ignore"):
@@ -234,7 +323,7 @@ class NumpyOps(TiledOps):
         else:
             np.reciprocal(den, out=den)
         np.multiply(out, den[:, None], out=out)
-        return out, small[:, None]
+        return small[:, None]
 
     def normalise(self, xp: ModuleType, o: Any, dv: int, out: Any, kv: Any = None) -> Any:
         """``o[:, :dv] / o[:, dv:]`` into ``out``; rows with a normaliser <= 0 give 0."""
