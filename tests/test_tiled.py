@@ -308,3 +308,48 @@ def test_numpy_bound_trusted_then_checked(
     # float32, 100 keys and 4 features summed in another order; the weak row's output
     # would be 0 (an underflowed normaliser) without the check
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_features_below_the_normal_range_are_flushed() -> None:
+    # The fast paths' exp: features that would be denormal (10-100x slower on x86, in the
+    # exp and in every product after it) are 0; others are exp's own; NaN stays NaN; the
+    # lower bound only spares reading the exponents for their min.
+    fnumpy = pytest.importorskip("favorcore_backends.numpy")
+    tiny = np.finfo(np.float32).smallest_normal
+    e = np.array([-300, -103.5, -95, -87.5, -87.3, -87.0, -60, 0, 3, np.nan], np.float32)
+    floor = fnumpy._floor(np.float32)
+    assert np.exp(np.float32(floor)) >= tiny > np.exp(np.nextafter(np.float32(floor), -np.inf))
+    want = np.where(np.isnan(e) | (e >= floor), np.exp(e), 0.0)
+    for lower in (-np.inf, -400.0):
+        got = fnumpy._exp(e.copy(), lower)
+        np.testing.assert_array_equal(got, want)
+        assert not ((got > 0) & (got < tiny)).any()
+    np.testing.assert_array_equal(fnumpy._exp(e[6:9].copy(), -70.0), np.exp(e[6:9]))
+    torch = pytest.importorskip("torch")
+    ftorch = pytest.importorskip("favorcore_backends.torch")
+    got_t = ftorch._exp_(torch.from_numpy(e.copy()), -np.inf).numpy()
+    # PyTorch zeroes up to twice the smallest normal number in the same pass
+    np.testing.assert_array_equal(got_t, np.where(np.isnan(want) | (want > 2 * tiny), want, 0.0))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_with_keys_of_large_norm(
+    backend: Backend, rng: np.random.Generator, causal: bool
+) -> None:
+    # Keys of large norm give key features far below 1 (-|y|^2 / 2 in the exponent):
+    # float32 features under the normal range are flushed to 0 by the fast paths, which
+    # must still agree with the plain core path to float32 rounding.
+    q = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    k = (rng.standard_normal((1, 2, 300, 16)) * 6.5).astype(np.float32)
+    k[..., :150, :] /= 6  # half the keys ordinary, so the normalisers stay normal
+    v = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    fmap = fc.PositiveFeatures(m=64, seed=2)
+    a = backend.asarray
+    kw = {"features": fmap, "causal": causal, "balance": False}
+    fast = to_numpy(fc.favor_attention(a(q), a(k), a(v), **kw))
+    with fc.fast_paths(False):
+        plain = to_numpy(fc.favor_attention(a(q), a(k), a(v), **kw))
+    assert np.isfinite(fast).all()
+    # float32 sums over <= 300 keys and 64 features in another order; flushed features
+    # (< 1.2e-38) change nothing at this precision
+    np.testing.assert_allclose(fast, plain, rtol=2e-4, atol=2e-5)

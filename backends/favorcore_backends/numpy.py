@@ -46,6 +46,40 @@ GAP = 40.0
 PROBE = 8
 
 
+@functools.lru_cache(maxsize=4)
+def _floor(dtype: Any) -> float:
+    """The smallest exponent whose ``exp`` is a normal number of ``dtype`` (float32: -87.3)."""
+    dt = np.dtype(dtype)
+    tiny = np.finfo(dt).smallest_normal
+    x = dt.type(np.log(tiny))
+    while np.exp(x) < tiny:
+        x = np.nextafter(x, dt.type(0))
+    return float(x)
+
+
+def _exp(e: Any, lower: float) -> Any:
+    """``exp(e)`` in place, with the features below the smallest normal number set to 0.
+
+    x86 computes denormal numbers 10-100x slower: an ``exp`` that returns them and every
+    product they enter (keys of four times unit variance made a call 4x slower). ``lower``
+    bounds ``e`` from below (from the rows' norms): only when it is under :func:`_floor`
+    is ``e`` read for its min, and only if that is too are the exponents clamped to the
+    floor and the features from under it zeroed, as a flush-to-zero mode would (NaN stays).
+    """
+    floor = _floor(e.dtype)
+    if lower >= floor or e.size == 0 or e.min() >= floor:
+        return np.exp(e, out=e)
+    keep = e >= floor
+    np.maximum(e, floor, out=e)
+    np.exp(e, out=e)
+    return np.multiply(e, keep, out=e)
+
+
+def _radius(w: Any) -> float:
+    """The largest column norm of ``w``."""
+    return float(np.sqrt(np.einsum("ij,ij->j", w, w).max())) if w.size else 0.0
+
+
 def _weak(qf: Any, den: Any, checked: Any, kv: Any) -> Any:
     """The ``checked`` rows of ``qf`` whose largest feature is below ``exp(-GAP)`` (or NaN).
 
@@ -64,6 +98,7 @@ class _Queries(NamedTuple):
     matrix: Any  # [wq; 1]: the last row multiplies the shift column
     radius: float  # the largest column norm of the projection rows
     top: float  # the largest bias
+    spread: float  # the largest bias minus the smallest
     limit: float  # rows with |x| >= limit may fall GAP below the bound
 
 
@@ -116,10 +151,12 @@ class NumpyOps(TiledOps):
         aug = self.buffer(np, "k_in", rows, d + 2, y)
         aug[:, :d] = y
         np.einsum("ij,ij->i", y, y, out=aug[:, d])
+        big = float(aug[:, d].max()) if rows else 0.0  # the largest |y|^2
         aug[:, d] *= -c
         aug[:, d + 1] = 1.0
         kf = np.matmul(aug, wk, out=self.buffer(np, "k", rows, wk.shape[1], y))
-        np.exp(kf, out=kf)
+        # every exponent is >= -|y| R - c |y|^2 + min of the last row
+        _exp(kf, float(wk[d + 1].min()) - math.sqrt(big) * _radius(wk[:d]) - c * big)
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
             drop = ~keep[:, 0]
             kf[drop] = 0.0
@@ -187,6 +224,7 @@ class NumpyOps(TiledOps):
             np.concatenate([wq, np.ones((1, wq.shape[1]), dtype=wq.dtype)]),
             float(norms.max()),
             float(bias.max()),
+            float(bias.max() - bias.min()),
             _limit(norms, bias),
         )
 
@@ -221,6 +259,8 @@ class NumpyOps(TiledOps):
         np.einsum("ij,ij->i", x, x, out=norm)
         np.sqrt(norm, out=norm)
         far = np.flatnonzero(norm >= wq.limit)
+        # every shifted exponent is >= -(2 |x| R + the bias's spread + 1)
+        lower = -(2 * float(norm.max()) * wq.radius + wq.spread + 1.0) if rows else 0.0
         probe = far[np.argpartition(norm[far], -PROBE)[-PROBE:]] if far.size > PROBE else far
         norm *= -wq.radius
         norm -= wq.top + 1.0
@@ -232,7 +272,7 @@ class NumpyOps(TiledOps):
             np.subtract(e, e.max(axis=1, keepdims=True), out=e)
         elif far.size:
             e[far] -= e[far].max(axis=1, keepdims=True)
-        return np.exp(e, out=e), checked
+        return _exp(e, lower), checked
 
     @staticmethod
     def _exact(x: Any, wq: _Queries) -> Any:
@@ -240,7 +280,7 @@ class NumpyOps(TiledOps):
         d = x.shape[1]
         e = x @ wq.matrix[:d] + wq.matrix[d]
         e -= e.max(axis=1, keepdims=True)
-        return np.exp(e, out=e)
+        return _exp(e, -math.inf)
 
     def attend(self, xp: ModuleType, x: Any, wq: Any, kv: Any, out: Any) -> tuple[Any, Any]:
         """:meth:`answer` of :meth:`_features`; checked rows whose largest feature is

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,6 +39,8 @@ from favorcore import (
 )
 from favorcore._tiled import TiledOps
 
+from .numpy import _floor
+
 __all__ = [
     "DEFAULT_SEGMENT",
     "FavorAttention",
@@ -49,6 +52,21 @@ __all__ = [
 
 #: Tokens per recomputed segment in the backward pass of causal attention.
 DEFAULT_SEGMENT = 2048
+
+
+def _exp_(e: torch.Tensor, lower: float) -> torch.Tensor:
+    """``e.exp_()``, with the features below the smallest normal number set to 0 on the
+    CPU (:func:`favorcore_backends.numpy._exp`: denormals cost x86 10-100x; ``lower``, a
+    lower bound of ``e``, spares reading ``e`` for its min in the usual case)."""
+    if e.device.type != "cpu" or not e.numel():
+        return e.exp_()
+    floor = _floor(str(e.dtype).removeprefix("torch."))
+    if lower >= floor or float(e.amin()) >= floor:
+        return e.exp_()
+    # the clamped ones give exp(floor), about the smallest normal number: those (and any
+    # feature up to twice that) become 0 in the same pass
+    tiny = float(torch.finfo(e.dtype).smallest_normal)
+    return F.threshold(e.clamp_(min=floor).exp_(), 2 * tiny, 0.0, inplace=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,9 +106,15 @@ class TorchOps(TiledOps):
         rows, d = y.shape
         aug = self.buffer(xp, "k_in", rows, d + 2, y)
         aug[:, :d] = y
-        aug[:, d] = torch.linalg.vector_norm(y, dim=1).square_().mul_(-c)  # (3x (y * y).sum)
+        sq = torch.linalg.vector_norm(y, dim=1).square_()  # (3x faster than (y * y).sum)
+        lower = -math.inf
+        if y.device.type == "cpu" and rows:  # every exponent is >= -|y| R - c |y|^2 + min b
+            big = float(sq.max())
+            radius = float(wk[:d].square().sum(0).max().sqrt())
+            lower = float(wk[d + 1].min()) - math.sqrt(big) * radius - c * big
+        aug[:, d] = sq.mul_(-c)
         aug[:, d + 1] = 1.0
-        kf = torch.mm(aug, wk, out=self.buffer(xp, "k", rows, wk.shape[1], y)).exp_()
+        kf = _exp_(torch.mm(aug, wk, out=self.buffer(xp, "k", rows, wk.shape[1], y)), lower)
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
             drop = ~keep[:, 0]
             kf[drop] = 0.0
@@ -101,19 +125,35 @@ class TorchOps(TiledOps):
     def transform(self, xp: Any, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.addmm(t[-1], y, t[:-1])
 
-    def query_block(self, xp: Any, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    def prepare(self, xp: Any, wq: torch.Tensor) -> Any:
+        """``(wq, R, spread)``: the largest column norm of the projection rows and the
+        bias row's range, for the lower bound of the exponents (floats: CPU only)."""
+        if wq.device.type != "cpu":
+            return wq, math.inf, 0.0
+        d = wq.shape[0] - 1
+        radius = float(wq[:d].square().sum(0).max().sqrt()) if wq.numel() else 0.0
+        return wq, radius, float(wq[d].max() - wq[d].min()) if wq.numel() else 0.0
+
+    def query_block(self, xp: Any, x: torch.Tensor, wq: Any) -> torch.Tensor:
         """``exp(e - max_row(e))``, ``e = x wq[:d] + wq[d]``, in place in this thread's buffer.
 
         The exact row max on the CPU too: unlike NumPy's, PyTorch's row max and subtraction
         cost about as much as the NumPy fast path's upper-bound shift (its norms and
         augmented input), which only applies to rows of small norm (measured at
         L = 16384: 1.00x the time at the bench's scale, 0.96x with unit-variance inputs).
+        Every shifted exponent is ``>= -(2 |x| R + spread)``: features that would be
+        denormal are 0 (:func:`_exp_`).
         """
+        wq, radius, spread = wq
         rows, d = x.shape
         e = torch.addmm(wq[d], x, wq[:d], out=self.buffer(xp, "q", rows, wq.shape[1], x))
-        if rows:
-            e.sub_(e.amax(1, keepdim=True))
-        return e.exp_()
+        if not rows:
+            return e
+        e.sub_(e.amax(1, keepdim=True))
+        lower = -math.inf
+        if math.isfinite(radius):
+            lower = -(2 * float(torch.linalg.vector_norm(x, dim=1).max()) * radius + spread)
+        return _exp_(e, lower)
 
     def causal(self, xp: Any, qf: torch.Tensor, kf: torch.Tensor, vb: torch.Tensor,
                kv0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
