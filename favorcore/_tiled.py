@@ -97,11 +97,12 @@ class TiledOps:
         return contextlib.nullcontext()
 
     def key_block(
-        self, xp: ModuleType, y: Array, v: Array, keep: Array | None, wk: Array, c: float
+        self, xp: ModuleType, y: Array, v: Array, keep: Array | None, wk: Any, c: float
     ) -> tuple[Array, Array]:
         """``(phi(K_b), V_b)`` of a block, masked rows zero in both.
 
-        ``phi = exp([y, -c |y|^2, 1] @ wk)``; ``keep`` is ``(rows, 1)`` boolean or None.
+        ``phi = exp([y, -c |y|^2, 1] @ wk)`` (``wk`` as :meth:`prepare_keys` returned it);
+        ``keep`` is ``(rows, 1)`` boolean or None.
         The arrays may live in buffers that the next call of this thread reuses, or be
         ``v`` itself.
         """
@@ -125,6 +126,11 @@ class TiledOps:
     def transform(self, xp: ModuleType, y: Array, t: Array) -> Array:
         """Rows ``[y, 1] @ t`` for ``t`` ``(d + 1, d')``: the balanced keys (may be a buffer)."""
         return y @ t[..., :-1, :] + t[..., -1:, :]
+
+    def prepare_keys(self, xp: ModuleType, wk: Array) -> Any:
+        """What :meth:`key_block` takes for the keys' exponent matrix ``wk``: run once per
+        matrix, not per block (adapters precompute constants of ``wk`` here)."""
+        return wk
 
     def prepare(self, xp: ModuleType, wq: Array) -> Any:
         """What :meth:`query_block` takes for the queries' exponent matrix ``wq``: run once
@@ -323,16 +329,18 @@ def tiled_attention(
     def keys(g: Any, lo: int, hi: int) -> tuple[Array, Array]:
         keep = None if m3 is None else m3[g, lo:hi, :]
         y = y3[g, lo:hi, :] if tk is None else ops.transform(xp, y3[g, lo:hi, :], pick(tk, g))
-        return ops.key_block(xp, y, v3[g, lo:hi, :], keep, pick(wk, g), half_root_sq)
+        return ops.key_block(xp, y, v3[g, lo:hi, :], keep, chosen(prepared_keys, g), half_root_sq)
 
-    prepared = (
-        [ops.prepare(xp, wq)]
-        if ops.vectorized
-        else [ops.prepare(xp, wq[r, ...]) for r in range(wq.shape[0])]
-    )
+    def prepare_all(fn: Callable[[ModuleType, Array], Any], w: Array) -> list[Any]:
+        return [fn(xp, w)] if ops.vectorized else [fn(xp, w[r, ...]) for r in range(w.shape[0])]
+
+    prepared_keys, prepared = prepare_all(ops.prepare_keys, wk), prepare_all(ops.prepare, wq)
+
+    def chosen(p: list[Any], g: Any) -> Any:
+        return p[g % len(p) if isinstance(g, int) else 0]
 
     def query_matrix(g: Any) -> Any:
-        return prepared[g % len(prepared) if isinstance(g, int) else 0]
+        return chosen(prepared, g)
 
     size = ops.block_size(max(lq, lk), causal)
 

@@ -92,6 +92,14 @@ def _weak(qf: Any, den: Any, checked: Any, kv: Any) -> Any:
     return rows[~(qf[rows].max(axis=1) >= math.exp(-GAP))]
 
 
+class _Keys(NamedTuple):
+    """The NumPy fast path's keys' exponent matrix and its constants."""
+
+    matrix: Any  # (d + 2, m)
+    radius: float  # the largest column norm of its first d rows
+    low: float  # the smallest entry of its last row
+
+
 class _Queries(NamedTuple):
     """The NumPy fast path's queries' exponent matrix and its constants."""
 
@@ -143,10 +151,16 @@ class NumpyOps(TiledOps):
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
 
+    def prepare_keys(self, xp: ModuleType, wk: Any) -> _Keys:
+        """The keys' exponent matrix and the constants of its lower bound."""
+        d = wk.shape[0] - 2
+        return _Keys(wk, _radius(wk[:d]), float(wk[d + 1].min()) if wk.size else 0.0)
+
     def key_block(
         self, xp: ModuleType, y: Any, v: Any, keep: Any, wk: Any, c: float
     ) -> tuple[Any, Any]:
         """Keys' features in this thread's buffer, and ``v`` itself (no copy) unless masked."""
+        wk, radius, low = wk
         rows, d = y.shape
         aug = self.buffer(np, "k_in", rows, d + 2, y)
         aug[:, :d] = y
@@ -156,7 +170,7 @@ class NumpyOps(TiledOps):
         aug[:, d + 1] = 1.0
         kf = np.matmul(aug, wk, out=self.buffer(np, "k", rows, wk.shape[1], y))
         # every exponent is >= -|y| R - c |y|^2 + min of the last row
-        _exp(kf, float(wk[d + 1].min()) - math.sqrt(big) * _radius(wk[:d]) - c * big)
+        _exp(kf, low - math.sqrt(big) * radius - c * big)
         if keep is not None:  # garbage (even NaN) in masked rows is overwritten
             drop = ~keep[:, 0]
             kf[drop] = 0.0
