@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,18 @@ def _reset_peak() -> float:
     return _status_mib("VmRSS")
 
 
+def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` (warm it up first)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
     """GFLOP/s of an ``n``^3 float32 matmul on ``backend`` (best of ``repeats``)."""
-    import time
-
     a: Any
     f: Callable[[], Any]
     if backend == "numpy":
@@ -90,12 +99,7 @@ def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
         mm = jax.jit(lambda a: a @ a)
         f = lambda: mm(a).block_until_ready()
     f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times) / 1e9
+    return 2 * n**3 / min(_times(f, repeats)) / 1e9
 
 
 def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int, repeats: int,
@@ -106,8 +110,6 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
     the same thread settings, so that the case's share of it compares like with like on a
     machine whose speed drifts during a run.
     """
-    import time
-
     import numpy as np
 
     backend = BACKEND_OF[method]
@@ -176,11 +178,7 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
     call()  # the first call: its peak is the call's memory (and it warms up)
     peak = _status_mib("VmHWM") - before
     process_peak = max(process_peak, _status_mib("VmHWM"))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    times = _times(call, repeats)
     process_peak = max(process_peak, _status_mib("VmHWM"))
     result = {
         "median_s": statistics.median(times),

@@ -18,20 +18,16 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 
 def _median(fn: Callable[[], object], repeats: int = 9) -> float:
+    from favorcore.bench import _times  # the benchmark's own timing loop
+
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_times(fn, repeats))
 
 
 def _report(
