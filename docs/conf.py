@@ -57,7 +57,8 @@ def _bench_table() -> str:
     data = json.loads(path.read_text())
     shape = data["shape"]
     lines = [
-        f"float32, batch 1, {shape['heads']} heads, d = {shape['d']}, m = {shape['m']}, "
+        f"{shape['dtype']} on the {shape.get('device', 'cpu')}, batch 1, {shape['heads']} heads, "
+        f"d = {shape['d']}, m = {shape['m']}, "
         f"{shape['threads']} threads. Each case's share of the GEMM rate is against the rate "
         "measured in its own process just before it (medians over the run: "
         + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in data["gemm_gflops"].items())

@@ -37,19 +37,36 @@ from typing import Any
 __all__ = ["main", "run_case"]
 
 METHODS = (
-    "favorcore-numpy", "favorcore-torch", "favorcore-jax", "favorcore++-numpy",
-    "favorcore++-torch", "sdpa", "performer",
+    "favorcore-numpy", "favorcore-torch", "favorcore-jax", "favorcore-cupy", "favorcore++-numpy",
+    "favorcore++-torch", "favorcore++-cupy", "sdpa", "performer",
 )  # fmt: skip
 BACKEND_OF = {
     "favorcore-numpy": "numpy",
     "favorcore-torch": "torch",
     "favorcore-jax": "jax",
+    "favorcore-cupy": "cupy",
     "favorcore++-numpy": "numpy",
     "favorcore++-torch": "torch",
+    "favorcore++-cupy": "cupy",
     "sdpa": "torch",
     "performer": "torch",
 }
-IMPORT_OF = {"numpy": "numpy", "torch": "torch", "jax": "jax", "performer": "performer_pytorch"}
+IMPORT_OF = {
+    "numpy": "numpy", "torch": "torch", "jax": "jax", "cupy": "cupy",
+    "performer": "performer_pytorch",
+}  # fmt: skip
+DEVICES = ("cpu", "gpu")
+DTYPES = ("float32", "bfloat16")
+#: lengths of a run unless given: the GPU's go 4x further
+LENGTHS = {"cpu": [1024, 2048, 4096, 8192, 16384], "gpu": [1024, 4096, 16384, 65536]}
+
+
+def supports(backend: str, device: str, dtype: str) -> bool:
+    """Whether ``backend`` runs on ``device`` in ``dtype`` (NumPy: the CPU; CuPy: a GPU;
+    neither has bfloat16)."""
+    if backend in ("numpy", "cupy"):
+        return dtype == "float32" and device == ("cpu" if backend == "numpy" else "gpu")
+    return True
 
 
 def _status_mib(field: str) -> float:
@@ -77,107 +94,172 @@ def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
     return times
 
 
-def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
-    """GFLOP/s of an ``n``^3 float32 matmul on ``backend`` (best of ``repeats``)."""
-    a: Any
-    f: Callable[[], Any]
-    if backend == "numpy":
+class _Device:
+    """One backend on one device: moving host arrays there, waiting for it, its memory.
+
+    ``put`` makes a host float32 array an array of the backend in ``dtype``; ``sync``
+    waits for the device's queued work (a GPU runs asynchronously); ``start`` returns
+    the memory in use in MiB and resets the peak, ``peak`` the peak since in MiB: the
+    process's resident set on the CPU (``/proc``; tracemalloc sees neither PyTorch nor
+    JAX), the framework allocator's counters on a GPU.
+    """
+
+    def __init__(self, backend: str, device: str, dtype: str) -> None:
+        self.backend, self.gpu, self.dtype = backend, device == "gpu", dtype
+        self.sync: Callable[[], Any] = lambda: None
+        self.start: Callable[[], float] = _reset_peak
+        self.peak: Callable[[], float] = lambda: _status_mib("VmHWM")
+        self.put: Callable[[Any], Any] = lambda a: a
+        mib = 2.0**20
+        if backend == "torch":
+            import torch
+
+            dev = torch.device("cuda" if self.gpu else "cpu")
+            if self.gpu:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("PyTorch sees no CUDA GPU")
+                self.sync = torch.cuda.synchronize
+
+                def start() -> float:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    return torch.cuda.memory_allocated() / mib
+
+                self.start = start
+                self.peak = lambda: torch.cuda.max_memory_allocated() / mib
+            kind = getattr(torch, dtype)
+            self.put = lambda a: torch.from_numpy(a).to(dev, kind)
+        elif backend == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            if self.gpu:
+                if jax.default_backend() != "gpu":
+                    raise RuntimeError(
+                        f"JAX sees no GPU (default backend {jax.default_backend()!r})"
+                    )
+                stats = jax.devices()[0].memory_stats
+                # JAX cannot reset its peak; the case's process has run nothing before
+                self.start = lambda: float(stats()["bytes_in_use"]) / mib
+                self.peak = lambda: float(stats()["peak_bytes_in_use"]) / mib
+            kind = getattr(jnp, dtype)
+            self.put = lambda a: jax.device_put(jnp.asarray(a, dtype=kind))
+        elif backend == "cupy":
+            import cupy as cp
+
+            pool = cp.get_default_memory_pool()
+            self.sync = lambda: cp.cuda.Device().synchronize()
+
+            def start() -> float:
+                cp.cuda.Device().synchronize()
+                pool.free_all_blocks()  # the pool then grows to the call's peak
+                return float(pool.used_bytes()) / mib
+
+            self.start = start
+            self.peak = lambda: float(pool.total_bytes()) / mib
+            self.put = cp.asarray
+
+    def gemm_rate(self, repeats: int = 3, n: int = 4096) -> float:
+        """GFLOP/s of an ``n``^3 matmul in the case's dtype on its device (best of
+        ``repeats``)."""
         import numpy as np
 
-        a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-        f = lambda: a @ a
-    elif backend == "torch":
-        import torch
+        a = self.put(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+        mm: Callable[[Any], Any] = lambda a: a @ a
+        if self.backend == "jax":
+            import jax
 
-        a = torch.randn(n, n)
-        f = lambda: a @ a
-    else:
-        import jax
-        import jax.numpy as jnp
+            jitted = jax.jit(mm)
+            mm = lambda a: jitted(a).block_until_ready()
 
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        mm = jax.jit(lambda a: a @ a)
-        f = lambda: mm(a).block_until_ready()
-    f()
-    return 2 * n**3 / min(_times(f, repeats)) / 1e9
+        def f() -> None:
+            mm(a)
+            self.sync()
+
+        f()
+        return 2 * n**3 / min(_times(f, repeats)) / 1e9
+
+
+def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
+    """GFLOP/s of an ``n``^3 float32 matmul on ``backend`` on the CPU (best of ``repeats``)."""
+    return _Device(backend, "cpu", "float32").gemm_rate(repeats, n)
 
 
 def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int, repeats: int,
-             threads: int, gemm_size: int = 0) -> dict[str, Any]:  # fmt: skip
+             threads: int, gemm_size: int = 0, device: str = "cpu",
+             dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
     """Time one case in this process (the child of :func:`measure`).
 
-    With ``gemm_size``, the backend's GEMM rate is measured first in this process, under
-    the same thread settings, so that the case's share of it compares like with like on a
-    machine whose speed drifts during a run.
+    The first call's peak memory is the call's (it is also the warm-up). With
+    ``gemm_size``, the backend's GEMM rate in ``dtype`` on ``device`` is then measured in
+    this process, under the same thread settings, just before the timed calls, so that
+    the case's share of it compares like with like on a machine whose speed drifts.
     """
     import numpy as np
 
     backend = BACKEND_OF[method]
-    rng = np.random.default_rng(0)
-    host = [(rng.standard_normal((1, heads, length, d)) * 0.5).astype(np.float32) for _ in range(3)]
+    if backend == "jax":  # before JAX is imported: the CPU alone, or the GPU unreserved
+        os.environ.update(
+            {"JAX_PLATFORMS": "cpu"}
+            if device == "cpu"
+            else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        )
     if backend == "numpy":
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads)
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    on = _Device(backend, device, dtype)
+    rng = np.random.default_rng(0)
+    host = [(rng.standard_normal((1, heads, length, d)) * 0.5).astype(np.float32) for _ in range(3)]
+    q, k, v = (on.put(a) for a in host)
     import favorcore as fc
 
     default = method.startswith("favorcore++")
     fmap = fc.OptimalPositiveFeatures(m=m, seed=0) if default else fc.PositiveFeatures(m=m, seed=0)
-    q: Any
-    k: Any
-    v: Any
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-        q, k, v = (torch.from_numpy(a) for a in host)
-    elif backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        q, k, v = (jnp.asarray(a) for a in host)
-    else:
-        q, k, v = host
     # FAVOR+: no balance; the default: per call (bidirectional) or calibrated (causal)
     balance: Any = False
     if default:
         balance = fc.balance_statistics(q, k) if causal else None
+    fn: Callable[[], Any]
     if method == "performer":
         from performer_pytorch import FastAttention
 
-        attn = FastAttention(dim_heads=d, nb_features=m, causal=causal)
-
-        def call() -> Any:
-            with torch.no_grad():
-                return attn(q, k, v)
+        attn = FastAttention(dim_heads=d, nb_features=m, causal=causal).to(q.device, q.dtype)
+        fn = lambda: attn(q, k, v)
     elif method == "sdpa":
-
-        def call() -> Any:
-            with torch.no_grad():
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fn = lambda: sdpa(q, k, v, is_causal=causal)
     elif backend == "jax":
-        fn = jax.jit(
+        import jax
+
+        jitted = jax.jit(
             lambda q, k, v: fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=False)
         )
-
-        def call() -> Any:
-            return fn(q, k, v).block_until_ready()
-    elif backend == "torch":
-
-        def call() -> Any:
-            with torch.no_grad():
-                return fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
+        fn = lambda: jitted(q, k, v).block_until_ready()
     else:
+        fn = lambda: fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
+    if backend == "torch":
+        plain = fn
 
-        def call() -> Any:
-            return fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
+        def fn() -> Any:
+            with torch.no_grad():
+                return plain()
 
-    gemm = _gemm_rate(backend, repeats=2, n=gemm_size) if gemm_size else None
+    def call() -> Any:
+        out = fn()
+        on.sync()
+        return out
+
     process_peak = _status_mib("VmHWM")  # inputs made, nothing called yet
-    before = _reset_peak()
+    before = on.start()
     call()  # the first call: its peak is the call's memory (and it warms up)
-    peak = _status_mib("VmHWM") - before
+    peak = on.peak() - before
     process_peak = max(process_peak, _status_mib("VmHWM"))
+    gemm = on.gemm_rate(repeats=2, n=gemm_size) if gemm_size else None
     times = _times(call, repeats)
     process_peak = max(process_peak, _status_mib("VmHWM"))
     result = {
@@ -210,28 +292,34 @@ def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _available(method: str) -> bool:
+def _available(method: str, device: str = "cpu", dtype: str = "float32") -> bool:
+    """Installed, and its backend runs on ``device`` in ``dtype``."""
     import importlib.util
 
     needed = IMPORT_OF["performer"] if method == "performer" else IMPORT_OF[BACKEND_OF[method]]
-    return importlib.util.find_spec(needed) is not None
+    return (
+        supports(BACKEND_OF[method], device, dtype) and importlib.util.find_spec(needed) is not None
+    )
 
 
 def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, threads: int,
-          methods: Sequence[str], out_dir: Path, plots: bool, gemm_size: int = 4096) -> dict[str, Any]:  # fmt: skip
+          methods: Sequence[str], out_dir: Path, plots: bool, gemm_size: int = 4096,
+          device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
     """Run every case, print the table and ratios, write JSON (and plots).
 
-    Each case's share of the GEMM rate is against the rate measured in its own subprocess
-    just before it (``gemm_size``^3); the header gives the median of those per backend.
+    Each case's share of the GEMM rate is against the rate (in ``dtype``, on ``device``)
+    measured in its own subprocess just before its timed calls (``gemm_size``^3); the
+    footer gives the median of those per backend. Methods that are not installed, or
+    whose backend does not run on ``device`` in ``dtype``, are left out.
     """
-    methods = [x for x in methods if _available(x)]
+    methods = [x for x in methods if _available(x, device, dtype)]
     rows = []
     for length in lengths:
         for causal in (False, True):
             for method in methods:
                 r = measure(
                     method, length, causal, heads=heads, d=d, m=m, repeats=repeats,
-                    threads=threads, gemm_size=gemm_size,
+                    threads=threads, gemm_size=gemm_size, device=device, dtype=dtype,
                 )  # fmt: skip
                 row = {
                     "L": length,
@@ -252,13 +340,14 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
         for b in sorted({BACKEND_OF[r["method"]] for r in rows if "gemm_gflops" in r})
     }
     ratios = _ratios(rows)
-    result = {"shape": {"heads": heads, "d": d, "m": m, "dtype": "float32", "threads": threads},
+    result = {"shape": {"heads": heads, "d": d, "m": m, "dtype": dtype, "threads": threads,
+                        "device": device},
               "gemm_gflops": gemm, "rows": rows, "ratios": ratios}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     print(
-        f"\nGEMM rate ({gemm_size}^3 float32, median over the cases' own measurements): "
-        + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in gemm.items())
+        f"\nGEMM rate ({gemm_size}^3 {dtype} on the {device}, median over the cases' own "
+        "measurements): " + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in gemm.items())
     )
     for line in ratios:
         print(line["text"])
@@ -359,7 +448,8 @@ def scale(*, length: int = 2**20, d: int = 64, m: int = 256, threads: int = 2) -
 def main(argv: Sequence[str] | None = None) -> int:
     """``favorcore bench``: see the module docstring."""
     p = argparse.ArgumentParser(prog="favorcore bench", description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--lengths", type=int, nargs="+", help="default: " + "; ".join(
+        f"{k} {' '.join(map(str, v))}" for k, v in LENGTHS.items()))  # fmt: skip
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--m", type=int, default=256)
@@ -369,9 +459,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--scale", action="store_true", help="only the 2^20-token causal run")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="gpu: PyTorch on CUDA, CuPy, JAX on its GPU (NumPy is left out)")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="of the inputs (favorcore computes bfloat16 in float32)")  # fmt: skip
+    p.add_argument("--gemm-size", type=int, help="n of the n^3 GEMM (default: cpu 4096, gpu 8192)")
     a = p.parse_args(argv)
-    if any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads)):
-        p.error("lengths, heads, d, m, repeats and threads must be positive")
+    a.lengths = a.lengths or LENGTHS[a.device]
+    a.gemm_size = a.gemm_size or (8192 if a.device == "gpu" else 4096)
+    if any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads, a.gemm_size)):
+        p.error("lengths, heads, d, m, repeats, threads and gemm-size must be positive")
+    if a.scale and (a.device, a.dtype) != ("cpu", "float32"):
+        p.error("--scale runs NumPy on the CPU in float32")
     if a.scale:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "scale.json").write_text(
@@ -379,5 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     bench(a.lengths, heads=a.heads, d=a.d, m=a.m, repeats=a.repeats, threads=a.threads,
-          methods=a.methods, out_dir=a.out, plots=not a.no_plots)  # fmt: skip
+          methods=a.methods, out_dir=a.out, plots=not a.no_plots, gemm_size=a.gemm_size,
+          device=a.device, dtype=a.dtype)  # fmt: skip
     return 0

@@ -29,10 +29,53 @@ def test_bench_smoke(tmp_path, capsys) -> None:
         assert r["pct_gemm"] == pytest.approx(100 * r["gflops"] / r["gemm_gflops"])
     assert not [r for r in result["rows"] if "error" in r], result["rows"]
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["shape"] == {"heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1}
+    assert saved["shape"] == {
+        "heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1, "device": "cpu"
+    }  # fmt: skip
     assert "GEMM rate" in capsys.readouterr().out
 
 
 def test_bench_rejects_bad_options() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--lengths", "0"])
+
+
+def test_bench_bfloat16_smoke(tmp_path) -> None:
+    """bfloat16 inputs: the backends that have the dtype run (NumPy has none)."""
+    pytest.importorskip("torch")
+    result = bench.bench(
+        [32], heads=1, d=8, m=16, repeats=1, threads=1, methods=["favorcore-numpy", "favorcore-torch", "sdpa"],
+        out_dir=tmp_path, plots=False, gemm_size=64, dtype="bfloat16",
+    )  # fmt: skip
+    assert not [r for r in result["rows"] if "error" in r], result["rows"]
+    assert {r["method"] for r in result["rows"]} == {"favorcore-torch", "sdpa"}
+    assert result["shape"]["dtype"] == "bfloat16"
+    assert all(r["median_s"] > 0 and r["gemm_gflops"] > 0 for r in result["rows"])
+
+
+def test_bench_backends_by_device_and_dtype() -> None:
+    assert bench.supports("numpy", "cpu", "float32")
+    assert not bench.supports("numpy", "gpu", "float32")
+    assert not bench.supports("numpy", "cpu", "bfloat16")
+    assert bench.supports("cupy", "gpu", "float32")
+    assert not bench.supports("cupy", "cpu", "float32")
+    assert not bench.supports("cupy", "gpu", "bfloat16")
+    assert all(bench.supports(b, dev, t) for b in ("torch", "jax") for dev in bench.DEVICES
+               for t in bench.DTYPES)  # fmt: skip
+
+
+def test_bench_gpu_without_a_gpu_says_so(tmp_path) -> None:
+    """On a machine without a GPU each GPU case reports why instead of timing the CPU."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    result = bench.bench(
+        [32], heads=1, d=8, m=16, repeats=1, threads=1, methods=["favorcore-torch"],
+        out_dir=tmp_path, plots=False, gemm_size=64, device="gpu",
+    )  # fmt: skip
+    assert [r["error"] for r in result["rows"]] == ["RuntimeError: PyTorch sees no CUDA GPU"] * 2
+
+
+def test_bench_scale_only_on_the_cpu() -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--scale", "--device", "gpu"])
