@@ -313,7 +313,8 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
     whose backend does not run on ``device`` in ``dtype``, are left out.
     """
     methods = [x for x in methods if _available(x, device, dtype)]
-    rows = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     for length in lengths:
         for causal in (False, True):
             for method in methods:
@@ -333,6 +334,8 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
                     row["pct_gemm"] = 100 * rate / r["gemm_gflops"]
                 rows.append(row)
                 _print_row(row)
+                # the rows so far, should the run be stopped (the full result replaces them)
+                (out_dir / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))
     gemm = {
         b: statistics.median(
             r["gemm_gflops"] for r in rows if "gemm_gflops" in r and BACKEND_OF[r["method"]] == b
@@ -343,7 +346,6 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
     result = {"shape": {"heads": heads, "d": d, "m": m, "dtype": dtype, "threads": threads,
                         "device": device},
               "gemm_gflops": gemm, "rows": rows, "ratios": ratios}  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     print(
         f"\nGEMM rate ({gemm_size}^3 {dtype} on the {device}, median over the cases' own "
