@@ -337,10 +337,8 @@ def tiled_attention(
     prepared_keys, prepared = prepare_all(ops.prepare_keys, wk), prepare_all(ops.prepare, wq)
 
     def chosen(p: list[Any], g: Any) -> Any:
+        """The prepared matrix of group ``g`` (one per batch row, or one for all)."""
         return p[g % len(p) if isinstance(g, int) else 0]
-
-    def query_matrix(g: Any) -> Any:
-        return chosen(prepared, g)
 
     size = ops.block_size(max(lq, lk), causal)
 
@@ -377,7 +375,7 @@ def tiled_attention(
         def answer(item: tuple[int, Any, int, int]) -> list[tuple[Array, Array]]:
             i, g, lo, hi = item
             return [
-                ops.attend(xp, x3[g, s:e, :], query_matrix(g), totals[i], into(g, s, e))
+                ops.attend(xp, x3[g, s:e, :], chosen(prepared, g), totals[i], into(g, s, e))
                 for s, e in blocks(lo, hi)
             ]
 
@@ -407,7 +405,7 @@ def tiled_attention(
             for s, e in blocks(lo, hi):
                 kf, vb = keys(g, s, e)
                 done, state = ops.attend_causal(
-                    xp, x3[g, s:e, :], query_matrix(g), kf, vb, state, chunk, into(g, s, e)
+                    xp, x3[g, s:e, :], chosen(prepared, g), kf, vb, state, chunk, into(g, s, e)
                 )
                 outs.append(done)
             return outs, state

@@ -364,8 +364,10 @@ def test_module_rejects_bad_calls() -> None:
         ftorch._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("needs", ["k", "v", "state"])
+@pytest.mark.parametrize(
+    ("causal", "needs"),
+    [(False, "k"), (False, "v"), (True, "k"), (True, "v"), (True, "state")],
+)
 def test_gradient_of_keys_alone_across_blocks(causal: bool, needs: str) -> None:
     # Only the keys, the values or the carried state require grad (queries do not): the
     # fast path's reused query buffers, saved by autograd in one block and overwritten in
@@ -378,7 +380,9 @@ def test_gradient_of_keys_alone_across_blocks(causal: bool, needs: str) -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64, generator=gen) for _ in range(3))
     kv0 = torch.rand(1, 2, 16, 9, dtype=torch.float64, generator=gen) if causal else None
-    leaf = {"k": k, "v": v, "state": kv0 if causal else k}[needs].requires_grad_()
+    leaf = {"k": k, "v": v, "state": kv0}[needs]
+    assert leaf is not None
+    leaf.requires_grad_()
     fmap = fc.PositiveFeatures(m=16, seed=4)
 
     def grad() -> torch.Tensor:
