@@ -357,3 +357,56 @@ def test_fast_path_with_keys_of_large_norm(
     # against normalisers of ordinary keys' features) change nothing at this precision
     u = float(np.finfo(np.float32).eps)
     np.testing.assert_allclose(fast, plain, rtol=0, atol=2 * (300 + 64) * u * np.abs(v).max() * 4)
+
+
+def test_flush_to_zero_is_scoped_to_its_block_and_reports_underflow() -> None:
+    # The NumPy causal step sets flush-to-zero around one product (x86-64 Linux): inside,
+    # a result below the smallest normal number is 0 and the underflow is reported; after
+    # it, and meanwhile in the other threads, gradual underflow is as before.
+    fenv = pytest.importorskip("favorcore_backends._fenv")
+    if not fenv.supported():
+        pytest.skip(
+            "flush-to-zero is set only on x86-64 Linux (the NumPy step then flushes nothing)"
+        )
+    import threading
+
+    a, b = np.float32(2.0**-100), np.float32(2.0**-30)
+    other: list[float] = []
+    go = threading.Event()
+    thread = threading.Thread(target=lambda: (go.wait(), other.append(float(a * b))))
+    thread.start()  # (a thread started inside the block would inherit the mode)
+    with fenv.flush_to_zero() as flush:
+        inside = float(a * b)
+        go.set()
+        thread.join()
+    assert (inside, flush.underflowed) == (0.0, True)
+    assert other == [2.0**-130]
+    assert float(a * b) == 2.0**-130
+    with fenv.flush_to_zero() as flush:
+        normal = float(a * np.float32(2.0**20))
+    assert (normal, flush.underflowed) == (2.0**-80, False)
+
+
+@pytest.mark.parametrize("tiny_rows", [3, 64])
+def test_numpy_causal_step_recomputes_rows_the_flush_changed(
+    rng: np.random.Generator, tiny_rows: int
+) -> None:
+    # Rows whose keys so far all have features of 2^-65 with queries of 2^-65: each score
+    # product is 2^-130, below the normal range, so the flushed product gives them 0 and
+    # a normaliser of 0 (result 0), while their true normaliser (i + 1) m 2^-130 is a
+    # normal number: they must be recomputed, exactly (the products are exact denormals).
+    fnumpy = pytest.importorskip("favorcore_backends.numpy")
+    rows, m, dv, chunk = 256, 32, 8, 64
+    qf = rng.random((rows, m)).astype(np.float32) + 0.5
+    kf = rng.random((rows, m)).astype(np.float32) + 0.5
+    qf[:tiny_rows] = kf[:tiny_rows] = 2.0**-65
+    v = rng.standard_normal((rows, dv)).astype(np.float32)
+    o, kv = fnumpy.NumpyOps(workers=1).causal(np, qf, kf, v, None, chunk)
+    q64, k64 = qf.astype(np.float64), kf.astype(np.float64)
+    scores = np.tril(q64 @ k64.T)
+    want = (scores @ v) / scores.sum(axis=1, keepdims=True)
+    got = o[:, :dv] / o[:, dv:]
+    # float32 rounding of sums of <= 256 + 32 terms of one sign (gamma_n, relative)
+    u = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * (rows + m) * u * np.abs(v).max())
+    np.testing.assert_allclose(kv[:, :dv], k64.T @ v, rtol=2 * rows * u)

@@ -31,6 +31,8 @@ import numpy as np
 from favorcore import register_step
 from favorcore._tiled import TiledOps
 
+from ._fenv import flush_to_zero
+
 __all__ = ["FavorFeatures", "NumpyOps"]  # noqa: F822 (FavorFeatures: module __getattr__)
 
 #: rows per block, measured at L = 16384, 8 heads, 2 workers (medians of 18 calls,
@@ -132,6 +134,29 @@ def _ones(n: int, dtype: Any) -> np.ndarray:
     return ones
 
 
+def _unflush(qc: Any, kc: Any, vc: Any, pre: Any, oc: Any) -> None:
+    """Recompute without flush-to-zero the chunks' rows whose results it may have changed.
+
+    The scores ``qc kc^T`` of ``n`` chunks of ``c`` rows were computed with results below
+    the smallest normal number ``u`` flushed to 0 (:mod:`._fenv`): a score is a sum of
+    ``m`` products of features, all >= 0, so it lost at most ``m u``; a row's normaliser
+    (its scores' sum plus ``qf . prefix``) at most ``c m u``, its numerator ``c m u max|v|``.
+    Rows whose normaliser is at least ``c m u / eps`` thus changed by at most ``eps``
+    times ``(max|v| + |result|)``, as much as rounding changes them; the others (rare:
+    every feature product of the row's keys in its chunk so small, and little before
+    them) are recomputed here from their chunk's prefix, exactly as without the flush.
+    """
+    _, c, m = qc.shape
+    info = np.finfo(qc.dtype)
+    limit = c * m * float(info.smallest_normal) / float(info.eps)
+    chunks, rows = np.nonzero(oc[:, :, -1] < limit)
+    for i in np.unique(chunks):
+        r = rows[chunks == i]
+        s = qc[i, r] @ kc[i].T
+        s[np.arange(c) > r[:, None]] = 0.0  # the keys after each row
+        oc[i, r] = qc[i, r] @ pre[i] + s @ vc[i]
+
+
 @functools.lru_cache(maxsize=8)
 def _future(c: int) -> np.ndarray:
     """``(c, c)`` boolean: True above the diagonal (key after query)."""
@@ -216,11 +241,14 @@ class NumpyOps(TiledOps):
         for i in range(n):
             pre[i + 1] += pre[i]
         scores = self.buffer(np, "scores", rows, c, qf).reshape(n, c, c)
-        np.matmul(qc, kc.transpose(0, 2, 1), out=scores)
+        with flush_to_zero() as flush:  # (of the chunks' products, the one that underflows)
+            np.matmul(qc, kc.transpose(0, 2, 1), out=scores)
         np.copyto(scores, 0.0, where=_future(c))
         oc = o.reshape(n, c, e)
         np.matmul(qc, pre[:n], out=oc)
         oc += np.matmul(scores, vc, out=self.buffer(np, "intra", rows, e, qf).reshape(n, c, e))
+        if flush.underflowed:
+            _unflush(qc, kc, vc, pre, oc)
         return pre[n].copy()
 
     def transform(self, xp: ModuleType, y: Any, t: Any) -> Any:
