@@ -7,17 +7,18 @@ that array-api-compat supports: NumPy, CuPy, PyTorch, JAX, Dask and array-api-st
 >>> import favorcore as fc
 >>> rng = np.random.default_rng(0)
 >>> q, k, v = (rng.standard_normal((8, 512, 64)).astype(np.float32) for _ in range(3))
->>> out = fc.favor_attention(q, k, v, features=fc.PositiveFeatures(m=256, seed=0), causal=True)
+>>> out = fc.favor_attention(q, k, v, causal=True)
 >>> out.shape, out.dtype
 ((8, 512, 64), dtype('float32'))
 """
 
-from ._registry import fast_paths, register_step
+from . import steps
 from .attention import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_FEATURES,
     AttentionState,
     favor_attention,
     linear_attention,
+    resolve,
     softmax_attention,
 )
 from .balance import BALANCE_KINDS, Balance, BalanceKind, apply_balance, balance_statistics
@@ -31,13 +32,14 @@ from .features import (
     TrigonometricFeatures,
     hyperbolic_features,
 )
-from .projection import draw_projection, projection
+from .projection import draw_projection
+from .steps import Steps, fast_paths, register_steps
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BALANCE_KINDS",
-    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_FEATURES",
     "AccuracyWarning",
     "AttentionState",
     "Balance",
@@ -47,6 +49,7 @@ __all__ = [
     "GeneralizedFeatures",
     "OptimalPositiveFeatures",
     "PositiveFeatures",
+    "Steps",
     "TrigonometricFeatures",
     "__version__",
     "apply_balance",
@@ -57,7 +60,8 @@ __all__ = [
     "favor_attention",
     "hyperbolic_features",
     "linear_attention",
-    "projection",
-    "register_step",
+    "register_steps",
+    "resolve",
     "softmax_attention",
+    "steps",
 ]

@@ -1,57 +1,60 @@
-r"""Linear (FAVOR) attention, bidirectional and causal, and exact softmax attention.
+r"""FAVOR attention, bidirectional and causal, linear attention, and exact softmax attention.
 
 Shapes follow PyTorch's ``scaled_dot_product_attention``: ``q`` is ``(..., Lq, d)``,
 ``k`` is ``(..., Lk, d)``, ``v`` is ``(..., Lk, dv)``, with any leading batch/head
-dimensions that broadcast. ``key_mask`` is boolean, **True = attend**, broadcastable to
-``q.shape[:-2] + (Lk,)``; masked keys are removed with ``where`` (never multiplied), so
-padding may hold anything, NaN included, and a query with no valid key returns 0.
+dimensions that broadcast. ``key_mask`` is boolean, **True = attend**, with exactly one
+dimension per batch dimension (each the batch's or 1) and ``Lk``; masked keys are removed
+with ``where`` (never multiplied), so padding may hold anything, NaN included, and a query
+with no valid key returns 0.
 
-The normaliser comes out of the same matmul as the numerator: ``[v | 1]`` is multiplied
-by the features, and its last column is the denominator.
+The normaliser comes out of the same products as the numerator: ``[v | 1]`` is multiplied
+by the features, and its last column is the denominator. Causal attention is chunked:
+within a chunk of ``C`` positions the masked ``C x C`` product, across chunks the running
+sums ``phi(K_c)^T [V_c | 1]``. An :class:`AttentionState` carries the sums from one call to
+the next, so a long sequence can be processed in pieces (prefill, streaming, one-token
+decoding) with the result of one call.
 
-Causal attention uses chunked prefix sums (DESIGN.md section 4). Within a chunk of ``C``
-positions the masked ``C x C`` product is used; across chunks, the per-chunk sums
-``phi(K_c)^T [V_c | 1]`` are prefix-summed with one ``cumulative_sum``. A running
-:class:`AttentionState` carries the sums from one call to the next, so a long sequence can be
-processed in pieces (prefill, streaming, one-token decoding) with the same result as one
-call.
+Every call runs the same engine (:mod:`favorcore.steps`): blocks of rows, the feature
+map's form, and the operations of the namespace's adapter or the standard ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._compat import Array, all_finite, compute_dtype, device, is_eager, is_floating, namespace
-from ._linear import causal_sums, normalise
-from ._registry import lookup
-from ._tiled import tiled_attention
-from .balance import BALANCE_KINDS, Balance, BalanceKind, apply_balance, balance_statistics
-from .features import (
-    AccuracyWarning,
-    FeatureMap,
-    OptimalPositiveFeatures,
-    PositiveFeatures,
-    TrigonometricFeatures,
-    _needs_projection,
-    _positive_pair,
+from ._checks import (
+    check_causal,
+    check_chunk,
+    check_devices,
+    check_finite,
+    check_mask,
+    check_qkv,
+    check_scale,
+    check_shape,
 )
+from ._compat import Array, compute_dtype, device, is_eager, namespace
+from ._schedule import run
+from .balance import BALANCE_KINDS, Balance, BalanceKind, balance_statistics
+from .features import AccuracyWarning, FeatureMap, Form, OptimalPositiveFeatures
+from .steps import steps_for
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_FEATURES",
     "AttentionState",
     "favor_attention",
     "linear_attention",
+    "resolve",
     "softmax_attention",
 ]
 
-#: Chunk length of causal attention in the plain core path when ``chunk_size`` is not
-#: given (the adapters' fast paths use their own, :attr:`favorcore._tiled.TiledOps.chunk`).
-#: Measured with ``python -m favorcore chunks`` (2 cores, d = 64, m = 256); see the docs.
-DEFAULT_CHUNK_SIZE = 128
+#: What ``features=None`` means: FAVOR++ with 256 features, orthogonal ``+-w`` pairs and a
+#: fixed seed, with ``A`` and the matrix balance from each bidirectional call's tokens. In
+#: causal calls and calls that carry a state it takes ``A`` and the balance from given
+#: statistics, or, without them, runs in its causal form (``A = 0``, no balance).
+DEFAULT_FEATURES = OptimalPositiveFeatures(m=256, seed=0)
 
 
 class AttentionState(NamedTuple):
@@ -69,126 +72,116 @@ class AttentionState(NamedTuple):
     kv: Array
 
 
-# -- validation -----------------------------------------------------------------------------
+def resolve(
+    features: FeatureMap | None,
+    *,
+    causal: bool = False,
+    balance: bool | BalanceKind | Balance | None = None,
+    state: AttentionState | None = None,
+    return_state: bool = False,
+) -> tuple[FeatureMap, BalanceKind | Balance | None]:
+    """The feature map and the balance a call of :func:`favor_attention` uses.
 
-
-def _check_qkv(
-    xp: ModuleType, q: Array, k: Array, v: Array, names: tuple[str, str, str]
-) -> tuple[int, ...]:
-    """Check ranks, shapes and dtypes; return the broadcast batch shape."""
-    for name, a in zip(names, (q, k, v), strict=True):
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., L, dim), got shape {tuple(a.shape)}")
-        if not is_floating(xp, a.dtype):
-            raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
-    nq, nk, nv = names
-    if q.shape[-1] == 0:
-        raise ValueError(f"{nq} must have a feature dimension d >= 1, got shape {tuple(q.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"{nq} and {nk} need the same last dimension, got {nq}.shape={tuple(q.shape)} "
-            f"and {nk}.shape={tuple(k.shape)}"
-        )
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"{nk} and {nv} need the same length (axis -2), got {nk}.shape={tuple(k.shape)} "
-            f"and {nv}.shape={tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"{nq}, {nk} and {nv} must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}"
-        )
-    try:
-        return _broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    except ValueError:
-        raise ValueError(
-            f"batch dimensions of {nq} {tuple(q.shape[:-2])}, {nk} {tuple(k.shape[:-2])} and "
-            f"{nv} {tuple(v.shape[:-2])} do not broadcast"
-        ) from None
-
-
-def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    ndim = max(len(s) for s in shapes)
-    out = []
-    for i in range(-ndim, 0):
-        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
-        if len(sizes) > 1:
-            raise ValueError(f"shapes {shapes} do not broadcast")
-        out.append(sizes.pop() if sizes else 1)
-    return tuple(out)
-
-
-#: the maps the tiled engine computes itself (subclasses may override apply)
-_TILED_MAPS = (PositiveFeatures, OptimalPositiveFeatures)
-
-
-def _check_mask(
-    xp: ModuleType,
-    key_mask: Array | None,
-    batch: tuple[int, ...],
-    lk: int,
-    name: str = "key_mask",
-) -> Array | None:
-    """Check ``key_mask`` (or the mask ``name``) and return it as ``(..., L, 1)`` for ``where``."""
-    if key_mask is None:
-        return None
-    if key_mask.dtype != xp.bool:
-        raise TypeError(
-            f"{name} must be a boolean array (True = a real token), got dtype {key_mask.dtype}"
-        )
-    target = (*batch, lk)
-    try:
-        ok = key_mask.ndim >= 1 and _broadcast_shapes(tuple(key_mask.shape), target) == target
-    except ValueError:
-        ok = False
-    if not ok:
-        length = "Lk" if name == "key_mask" else "Lq"
-        raise ValueError(
-            f"{name} must broadcast to batch + ({length},) = {target}, "
-            f"got shape {tuple(key_mask.shape)}"
-        )
-    return key_mask[..., None]
-
-
-def _check_scale(scale: float | None, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, int | float)
-        or not (math.isfinite(scale) and scale > 0)
-    ):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-    return float(scale)
-
-
-def _check_devices(xp: ModuleType, **arrays: Array | None) -> None:
-    present = {n: a for n, a in arrays.items() if a is not None}
-    # a traced JAX value reports no device: compare the ones that are known
-    devices = {n: dev for n, a in present.items() if (dev := device(a)) is not None}
-    first = next(iter(devices.values()), None)
-    if any(dev != first for dev in devices.values()):
-        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"arrays on more than one device ({listed}); move them to one device")
-
-
-def _check_finite(xp: ModuleType, mask: Array | None, **arrays: Array) -> None:
-    """Raise if an eager array holds NaN/inf where it is used (query rows; unmasked keys)."""
-    if not all(is_eager(a) for a in arrays.values()):
-        return  # lazy arrays are never read (documented)
-    for name, a in arrays.items():
-        keyed = name in ("k", "kf", "v")
-        values = xp.where(mask, a, 0.0) if (keyed and mask is not None) else a
-        if not all_finite(xp, values):
-            where = " at unmasked positions" if keyed else ""
+    Reads no array: every configuration error is raised here, before any pass over the
+    data. Returns the map (``features``, :data:`DEFAULT_FEATURES`, or its causal form) and
+    the balance: a kind to compute from the call's tokens, given statistics, or None.
+    """
+    if features is not None and not isinstance(features, FeatureMap):
+        raise TypeError(f"features must be a FeatureMap or None, got {type(features).__name__}")
+    fmap = DEFAULT_FEATURES if features is None else features
+    carried = causal or state is not None or return_state
+    stats: BalanceKind | Balance | None
+    if balance is None:  # the default: on where it is exact and helps, from the call's tokens
+        stats = "matrix" if fmap.positive and fmap.softmax and not carried else None
+    elif balance is False:
+        stats = None
+    elif balance is True or balance in BALANCE_KINDS:
+        if carried:
             raise ValueError(
-                f"{name} holds NaN or inf{where}; pass check_finite=False to skip this check "
-                "(masked positions may hold anything)"
+                f"balance={balance!r} computes its statistics from this call's tokens, which in "
+                "causal attention would use the future and across calls would change the "
+                "carried state; pass Balance statistics (balance_statistics on a calibration "
+                "batch)"
             )
+        stats = "matrix" if balance is True else balance
+    elif isinstance(balance, Balance):
+        stats = balance
+    else:
+        raise TypeError(
+            f"balance must be None, a bool, one of {BALANCE_KINDS} or a Balance, got {balance!r}"
+        )
+    if stats is not None and not fmap.softmax:
+        raise ValueError(
+            f"balance: {type(fmap).__name__} does not estimate the softmax kernel, and the "
+            "balance leaves only softmax attention unchanged; pass balance=False"
+        )
+    fixed = isinstance(stats, str) or (isinstance(stats, Balance) and stats.spread is not None)
+    if fmap.data_dependent and carried and not fixed:
+        if features is not None:
+            raise ValueError(
+                f"features: {type(fmap).__name__} computes statistics from each call's tokens, "
+                "which in causal attention would use the future and across calls would change "
+                "the carried state; give it fixed parameters (e.g. a=...) or pass balance= "
+                "statistics with a spread (balance_statistics of a calibration batch)"
+            )
+        fmap = fmap.causal_form()
+    return fmap, stats
+
+
+class _Given(Form):
+    """The form of :func:`linear_attention`: the rows are the features."""
+
+    def queries(self, xp: ModuleType, x: Array) -> Array:
+        return x
+
+    def keys(self, xp: ModuleType, y: Array) -> Array:
+        return y
+
+    def flatten(self, batch: tuple[int, ...]) -> Form:
+        return self
+
+    def select(self, r: int) -> Form:
+        return self
+
+
+def _check_state(
+    xp: ModuleType, state: AttentionState | None, expected: tuple[int, ...], dtype: Any, like: Array
+) -> Array | None:
+    if state is None:
+        return None
+    if not isinstance(state, AttentionState):
+        raise TypeError(f"state must be an AttentionState, got {type(state).__name__}")
+    namespace(state=state.kv, inputs=like)  # same framework as the inputs
+    if tuple(state.kv.shape) != expected:
+        raise ValueError(
+            f"state.kv has shape {tuple(state.kv.shape)}, but these inputs need batch + "
+            f"(m, dv + 1) = {expected}; was the state made with other shapes?"
+        )
+    return xp.astype(state.kv, dtype, copy=False)
+
+
+def _check_projection(fmap: FeatureMap, projection: Array | None, d: int) -> None:
+    if projection is None:
+        return
+    rows = fmap.feature_matrix(d)
+    if rows is None:
+        raise ValueError(f"projection: {type(fmap).__name__} with m=None uses no projection")
+    if tuple(projection.shape) != rows.shape:
+        raise ValueError(
+            f"projection must have shape {rows.shape} (features.feature_matrix(d)), got "
+            f"{tuple(projection.shape)}"
+        )
+
+
+def _check_balance(stats: Balance, batch: tuple[int, ...], d: int, like: Array) -> None:
+    for name, tail in (("query", (d, d)), ("key", (d, d)), ("shift", (1, d)), ("spread", (1, 1))):
+        arr = getattr(stats, name)
+        if arr is not None:
+            check_shape(f"balance.{name}", arr, tail, batch, like)
 
 
 def _warn_small_normaliser(
-    xp: ModuleType, bad: Array, mask: Array | None, causal: bool, features: FeatureMap
+    xp: ModuleType, bad: Array, mask: Array | None, causal: bool, fmap: FeatureMap
 ) -> None:
     """Warn when query rows with valid keys got no usable normaliser (their output is 0)."""
     if mask is not None:
@@ -202,8 +195,8 @@ def _warn_small_normaliser(
     count = int(xp.sum(xp.astype(bad, xp.int32)))
     if not count:
         return
-    if isinstance(features, TrigonometricFeatures):
-        why = ("<= 0 from trigonometric features, which are not positive; use PositiveFeatures "
+    if not fmap.positive:
+        why = (f"<= 0 from {type(fmap).__name__}, which are not positive; use PositiveFeatures "
                "or hyperbolic_features, or inputs of smaller norm")  # fmt: skip
     else:
         why = ("that underflowed: every feature product of these queries with the keys was "
@@ -215,148 +208,6 @@ def _warn_small_normaliser(
         ),
         stacklevel=3,
     )
-
-
-def _check_balance(
-    xp: ModuleType,
-    balance: bool | str | Balance | None,
-    features: FeatureMap,
-    causal: bool,
-    state: AttentionState | None,
-    return_state: bool,
-    q: Array,
-    batch: tuple[int, ...],
-) -> BalanceKind | Balance | None:
-    """The balance to apply: a kind to compute from this call's tokens, given statistics,
-    or None."""
-    if balance is None:  # the default: on where it is exact and this call has the tokens
-        on = isinstance(features, PositiveFeatures) and not (
-            causal or state is not None or return_state
-        )
-        return "matrix" if on else None
-    if balance is False:
-        return None
-    if balance is True or balance in BALANCE_KINDS:
-        if causal or state is not None or return_state:
-            raise ValueError(
-                f"balance={balance!r} computes its statistics from this call's tokens, which in "
-                "causal attention would use the future and across calls would change the "
-                "carried state; pass Balance statistics (balance_statistics on a calibration "
-                "batch)"
-            )
-        return "matrix" if balance is True else balance
-    if not isinstance(balance, Balance):
-        raise TypeError(
-            f"balance must be None, a bool, one of {BALANCE_KINDS} or a Balance, got {balance!r}"
-        )
-    namespace(query=balance.query, key=balance.key, shift=balance.shift, spread=balance.spread,
-              inputs=q)  # fmt: skip
-    d = q.shape[-1]
-    parts = [("query", balance.query, (d, d)), ("key", balance.key, (d, d)),
-             ("shift", balance.shift, (1, d)), ("spread", balance.spread, (1, 1))]  # fmt: skip
-    for name, arr, tail in parts:
-        if arr is None:
-            continue
-        try:
-            ok = (
-                tuple(arr.shape[-2:]) == tail
-                and _broadcast_shapes(tuple(arr.shape[:-2]), batch) == batch
-            )
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"balance.{name} must have shape batch + {tail} with batch broadcasting to {batch}, "
-                f"got {tuple(arr.shape)}"
-            )
-    return balance
-
-
-def _check_projection(features: FeatureMap, projection: Array | None, d: int) -> None:
-    if projection is None:
-        return
-    rows = features.feature_matrix(d)
-    if rows is None:
-        raise ValueError(f"projection: {type(features).__name__} with m=None uses no projection")
-    if tuple(projection.shape) != rows.shape:
-        raise ValueError(
-            f"projection must have shape {rows.shape} (features.feature_matrix(d)), got "
-            f"{tuple(projection.shape)}"
-        )
-
-
-def _check_causal(causal: bool, lq: int, lk: int, names: tuple[str, str]) -> None:
-    if causal and lq != lk:
-        raise ValueError(
-            f"causal attention needs {names[0]} and {names[1]} of the same length, got "
-            f"Lq={lq} and Lk={lk} (use causal=False for cross-attention)"
-        )
-
-
-def _check_chunk(chunk_size: int | None) -> int:
-    if chunk_size is None:
-        return DEFAULT_CHUNK_SIZE
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return chunk_size
-
-
-def _check_state(
-    xp: ModuleType,
-    state: AttentionState | None,
-    expected: tuple[int, ...],
-    dtype: Any,
-    like: Array,
-) -> Array | None:
-    if state is None:
-        return None
-    if not isinstance(state, AttentionState):
-        raise TypeError(f"state must be a AttentionState, got {type(state).__name__}")
-    namespace(state=state.kv, inputs=like)  # same framework as the inputs
-    if tuple(state.kv.shape) != expected:
-        raise ValueError(
-            f"state.kv has shape {tuple(state.kv.shape)}, but these inputs need batch + "
-            f"(m, dv + 1) = {expected}; was the state made with other shapes?"
-        )
-    return xp.astype(state.kv, dtype, copy=False)
-
-
-# -- the algorithms -------------------------------------------------------------------------
-
-
-def _linear_core(
-    xp: ModuleType,
-    qf: Array,
-    kf: Array,
-    v: Array,
-    mask: Array | None,
-    *,
-    causal: bool,
-    chunk: int,
-    kv0: Array | None,
-    batch: tuple[int, ...],
-) -> tuple[Array, Array, Array]:
-    """Validated linear attention in the compute dtype; returns ``(out, kv, normaliser)``."""
-    dtype = qf.dtype
-    v = xp.astype(v, dtype, copy=False)
-    ones = xp.ones((*v.shape[:-1], 1), dtype=dtype, device=device(v))
-    v1 = xp.concat([v, ones], axis=-1)
-    if mask is not None:
-        kf = xp.where(mask, kf, 0.0)
-        v1 = xp.where(mask, v1, 0.0)
-    dv = v.shape[-1]
-    if not causal:
-        kv = xp.matrix_transpose(kf) @ v1
-        if kv0 is not None:
-            kv = kv + kv0
-        kv = xp.broadcast_to(kv, (*batch, *kv.shape[-2:]))
-        out1 = qf @ kv
-        return normalise(xp, out1, dv, kv), kv, out1[..., dv:]
-    qf = xp.broadcast_to(qf, (*batch, *qf.shape[-2:]))
-    kf = xp.broadcast_to(kf, (*batch, *kf.shape[-2:]))
-    v1 = xp.broadcast_to(v1, (*batch, *v1.shape[-2:]))
-    out1, kv = causal_sums(xp, qf, kf, v1, kv0, chunk)
-    return normalise(xp, out1, dv, kv), kv, out1[..., dv:]
 
 
 def linear_attention(
@@ -384,11 +235,12 @@ def linear_attention(
     causal : bool
         Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
     key_mask : bool array, optional
-        True = attend, broadcastable to ``batch + (Lk,)``. Masked rows of ``kf`` and ``v``
-        are removed with ``where``, so both numerator and denominator ignore them.
+        True = attend, shape ``batch + (Lk,)`` (each batch dimension equal or 1). Masked
+        rows of ``kf`` and ``v`` are removed with ``where``, so both numerator and
+        denominator ignore them.
     chunk_size : int, optional
-        Chunk length of causal attention (default :data:`DEFAULT_CHUNK_SIZE`); the result
-        does not depend on it beyond rounding.
+        Chunk length of causal attention (by default the backend's); the result does not
+        depend on it beyond rounding.
     state : AttentionState, optional
         Sums over keys given earlier (causal: the preceding tokens; bidirectional: more
         keys every query attends to).
@@ -422,21 +274,26 @@ def linear_attention(
     True
     """
     xp = namespace(qf=qf, kf=kf, v=v, key_mask=key_mask)
-    _check_devices(xp, qf=qf, kf=kf, v=v, key_mask=key_mask)
-    batch = _check_qkv(xp, qf, kf, v, ("qf", "kf", "v"))
-    _check_causal(causal, qf.shape[-2], kf.shape[-2], ("qf", "kf"))
-    mask = _check_mask(xp, key_mask, batch, kf.shape[-2])
-    chunk = _check_chunk(chunk_size)
+    check_devices(xp, qf=qf, kf=kf, v=v, key_mask=key_mask)
+    batch = check_qkv(xp, qf, kf, v, ("qf", "kf", "v"))
+    check_causal(causal, qf.shape[-2], kf.shape[-2], ("qf", "kf"))
+    mask = check_mask(xp, key_mask, batch, kf.shape[-2], "key_mask")
+    chunk = check_chunk(chunk_size)
     dtype = compute_dtype(xp, qf.dtype)
     kv0 = _check_state(xp, state, (*batch, qf.shape[-1], v.shape[-1] + 1), dtype, qf)
     if check_finite:
-        _check_finite(xp, mask, qf=qf, kf=kf, v=v)
-    out, kv, _ = _linear_core(
-        xp, xp.astype(qf, dtype, copy=False), xp.astype(kf, dtype, copy=False), v, mask,
-        causal=causal, chunk=chunk, kv0=kv0, batch=batch,
+        _finite(xp, mask, qf=qf, kf=kf, v=v)
+    steps = steps_for(xp)
+    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (qf, kf, v))
+    out, kv, _ = run(
+        xp, steps, _Given(), x, y, vc, mask=mask, kv0=kv0, causal=causal,
+        chunk=steps.chunk if chunk is None else chunk, batch=batch, m=qf.shape[-1],
     )  # fmt: skip
     out = xp.astype(out, v.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
+
+
+_finite = check_finite  # (the name is taken by favor_attention's argument)
 
 
 def favor_attention(
@@ -444,7 +301,7 @@ def favor_attention(
     k: Array,
     v: Array,
     *,
-    features: FeatureMap,
+    features: FeatureMap | None = None,
     causal: bool = False,
     key_mask: Array | None = None,
     scale: float | None = None,
@@ -471,18 +328,23 @@ def favor_attention(
         Keys; ``Lk`` may differ from ``Lq`` unless ``causal``.
     v : array, shape (..., Lk, dv)
         Values; ``dv`` may differ from ``d``.
-    features : FeatureMap
-        The feature map, e.g. ``PositiveFeatures(m=256, seed=0)``.
+    features : FeatureMap, optional
+        The feature map, e.g. ``PositiveFeatures(m=256, seed=0)``. By default
+        :data:`DEFAULT_FEATURES`, FAVOR++ with ``m = 256`` (``seed=0``) and the matrix
+        balance from the call's tokens; in causal calls and calls that carry a state it
+        takes both from ``balance`` statistics, or runs without them as FAVOR+ with
+        antithetic pairs (``A = 0``, no balance).
     causal : bool
         Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
     key_mask : bool array, optional
-        True = attend, broadcastable to ``q.shape[:-2] + (Lk,)``.
+        True = attend, shape ``batch + (Lk,)``: one dimension per batch dimension of the
+        inputs, each equal to it or 1 (a ``(batch, Lk)`` mask on ``(batch, heads, Lk, d)``
+        keys is ``key_mask[:, None, :]``).
     scale : float, optional
         Logit scale; ``1/sqrt(d)`` when omitted, as in ``scaled_dot_product_attention``.
     chunk_size : int, optional
         Chunk length of causal attention; the result does not depend on it beyond
-        rounding. By default the backend's fast path picks its measured best (NumPy and
-        PyTorch: 64), the plain core path :data:`DEFAULT_CHUNK_SIZE`.
+        rounding. By default the backend's (NumPy and PyTorch: 64, otherwise 128).
     state : AttentionState, optional
         Sums over keys given earlier: in causal calls the preceding tokens, in
         bidirectional calls more keys that every query attends to (other chunks of a
@@ -498,8 +360,8 @@ def favor_attention(
     check_finite : bool
         On eager arrays (not under ``jax.jit``, not Dask), raise ``ValueError`` if ``q``,
         or ``k``/``v`` at unmasked positions, hold NaN or inf, and warn
-        (:class:`AccuracyWarning`) when trigonometric features give query rows a normaliser
-        <= 0 (their output is 0). Lazy arrays are never read: there NaN propagates to the
+        (:class:`AccuracyWarning`) when query rows get a normaliser too small to use
+        (their output is 0). Lazy arrays are never read: there NaN propagates to the
         rows it touches.
     balance : None, bool, {"matrix", "scalar"} or Balance
         Exact variance reduction (:mod:`favorcore.balance`): balance queries against keys
@@ -509,10 +371,11 @@ def favor_attention(
         ``state``/``return_state`` only); a :class:`Balance` (from
         :func:`balance_statistics` on a calibration batch) is applied as given, also in
         causal attention and across calls that share a state. ``None`` (the default) is
-        ``"matrix"`` for the positive maps (:class:`PositiveFeatures` and its kin) in
-        bidirectional calls without a state, ``False`` otherwise.
+        ``"matrix"`` for the positive softmax maps in bidirectional calls without a
+        state, ``False`` otherwise. Maps that do not estimate the softmax kernel
+        (:class:`GeneralizedFeatures`) take no balance.
     query_mask : bool array, optional
-        True = a real query, broadcastable to ``q.shape[:-2] + (Lq,)``: padded queries are
+        True = a real query, shape ``batch + (Lq,)`` as ``key_mask``: padded queries are
         left out of the statistics computed from the tokens (balance, FAVOR++'s ``A``).
         Their output rows are computed as usual. In self-attention over padded batches
         pass the same mask as ``key_mask``.
@@ -528,19 +391,19 @@ def favor_attention(
     ValueError, TypeError
         For wrong ranks or shapes, non-floating or mixed dtypes, arrays of two frameworks,
         a mask of the wrong shape or dtype, ``chunk_size <= 0``, causal with ``Lq != Lk``,
-        or a state of other shapes; the message names the argument.
+        a configuration that would use the future, or a state of other shapes; the
+        message names the argument. All of them before any pass over the data.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from favorcore import OptimalPositiveFeatures, PositiveFeatures
-    >>> from favorcore import favor_attention, softmax_attention
+    >>> from favorcore import PositiveFeatures, favor_attention, softmax_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 128, 16)) for _ in range(3))
     >>> q, k = 0.3 * q, 0.3 * k  # FAVOR's variance grows like exp(|q + k|^2 / sqrt(d))
     >>> ref = softmax_attention(q, k, v)
-    >>> out = favor_attention(q, k, v, features=OptimalPositiveFeatures(m=256, seed=0))
-    >>> print(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.3f}")  # the default
+    >>> out = favor_attention(q, k, v)  # the default estimator
+    >>> print(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.3f}")
     0.012
     >>> plus = favor_attention(q, k, v, features=PositiveFeatures(m=256, seed=0), balance=False)
     >>> print(f"{np.linalg.norm(plus - ref) / np.linalg.norm(ref):.3f}")  # plain FAVOR+
@@ -557,80 +420,42 @@ def favor_attention(
     >>> bool(np.allclose(np.concatenate([a, b], axis=1), full))
     True
     """
-    if not isinstance(features, FeatureMap):
-        raise TypeError(f"features must be a FeatureMap, got {type(features).__name__}")
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, projection=projection)
-    _check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, projection=projection)
-    batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
-    _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
-    mask = _check_mask(xp, key_mask, batch, k.shape[-2])
-    _check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
-    chunk = _check_chunk(chunk_size)
-    root = math.sqrt(_check_scale(scale, q.shape[-1]))
-    _check_projection(features, projection, q.shape[-1])
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
+                   projection=projection)  # fmt: skip
+    check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
+                  projection=projection)  # fmt: skip
+    batch = check_qkv(xp, q, k, v, ("q", "k", "v"))
+    d, dv = q.shape[-1], v.shape[-1]
+    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    mask = check_mask(xp, key_mask, batch, k.shape[-2], "key_mask")
+    check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
+    chunk = check_chunk(chunk_size)
+    root = math.sqrt(check_scale(scale, d))
+    fmap, stats = resolve(
+        features, causal=causal, balance=balance, state=state, return_state=return_state
+    )
+    if isinstance(stats, Balance):
+        _check_balance(stats, batch, d, q)
+    _check_projection(fmap, projection, d)
     dtype = compute_dtype(xp, q.dtype)
-    m = features.num_features(q.shape[-1])
-    kv0 = _check_state(xp, state, (*batch, m, v.shape[-1] + 1), dtype, q)
-    if check_finite:
-        _check_finite(xp, mask, q=q, k=k, v=v)
-    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
-    positive = isinstance(features, PositiveFeatures) and type(features) in _TILED_MAPS
-    ops = lookup(xp, "tiled") if positive and math.prod(batch) > 0 else None
-    # the adapter's settings for the whole estimate (NumPy: single-threaded BLAS, so that
-    # no BLAS thread left spinning by the statistics competes with the engine's workers)
-    with contextlib.nullcontext() if ops is None else ops.context():
-        stats = _check_balance(xp, balance, features, causal, state, return_state, q, batch)
-        given = isinstance(stats, Balance) and stats.spread is not None
-        if features.data_dependent and not given and (causal or state is not None or return_state):
-            raise ValueError(
-                f"features: {type(features).__name__} computes statistics from each call's tokens, "
-                "which in causal attention would use the future and across calls would change the "
-                "carried state; give it fixed parameters (e.g. a=...) or pass balance= statistics "
-                "with a spread (balance_statistics of a calibration batch)"
-            )
-        if isinstance(stats, str):
-            stats = balance_statistics(
-                q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
-            )
-        given_stats = stats if isinstance(stats, Balance) else None
-        w = (
-            features.projection_like(x)
-            if projection is None
-            else xp.astype(projection, dtype, copy=False)
+    kv0 = _check_state(xp, state, (*batch, fmap.num_features(d), dv + 1), dtype, q)
+    if check_finite:  # the first pass over the data
+        _finite(xp, mask, q=q, k=k, v=v)
+    if isinstance(stats, str):
+        stats = balance_statistics(
+            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
         )
-        a: float | Array = 0.0
-        if positive:  # FAVOR+ (A = 0) and FAVOR++: one exponent, A from the map or the data
-            a = features.coefficient(  # type: ignore[attr-defined]
-                x, y, key_mask=key_mask, query_mask=query_mask, scale=root * root,
-                spread=None if given_stats is None else given_stats.spread,
-            )  # fmt: skip
-        if ops is not None:  # the adapter's fast path: block by block (see favorcore._tiled)
-            out, kv, small = tiled_attention(
-                xp, ops, x, y, vc, w=w, root=root, a=a, causal=causal, mask=mask,
-                chunk=ops.chunk if chunk_size is None else chunk,
-                kv0=kv0, batch=batch, balance=given_stats,
-            )  # fmt: skip
-        else:
-            if given_stats is not None:
-                if mask is not None:  # padding may hold NaN: keep it out of the products
-                    y = xp.where(mask, y, 0.0)
-                x, y = apply_balance(x, y, given_stats, scale=root * root)
-                root = 1.0
-            if mask is not None:  # garbage in padding must not reach the features (or gradients)
-                y, vc = xp.where(mask, y, 0.0), xp.where(mask, vc, 0.0)
-            qf, kf = (
-                _positive_pair(xp, x * root, y * root, _needs_projection(features, w), a)
-                if positive
-                else features.apply(
-                    x * root, y * root, w, key_mask=key_mask, query_mask=query_mask, xp=xp
-                )
-            )
-            out, kv, den = _linear_core(
-                xp, qf, kf, vc, mask, causal=causal, chunk=chunk, kv0=kv0, batch=batch
-            )
-            small = den <= float(xp.finfo(den.dtype).smallest_normal)
+    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
+    w = fmap.projection_like(x) if projection is None else xp.astype(projection, dtype, copy=False)
+    form = fmap.form(xp, x, y, w, root=root, balance=stats, key_mask=key_mask,
+                     query_mask=query_mask)  # fmt: skip
+    steps = steps_for(xp)
+    out, kv, small = run(
+        xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal,
+        chunk=steps.chunk if chunk is None else chunk, batch=batch, m=fmap.num_features(d),
+    )  # fmt: skip
     if check_finite and is_eager(small):
-        _warn_small_normaliser(xp, small, mask, causal, features)
+        _warn_small_normaliser(xp, small, mask, causal, fmap)
     out = xp.astype(out, q.dtype, copy=False)
     return (out, AttentionState(kv)) if return_state else out
 
@@ -659,13 +484,13 @@ def softmax_attention(
     [1.0, 2.4621171572600096]
     """
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask)
-    _check_devices(xp, q=q, k=k, v=v, key_mask=key_mask)
-    batch = _check_qkv(xp, q, k, v, ("q", "k", "v"))
-    _check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
-    mask = _check_mask(xp, key_mask, batch, k.shape[-2])
-    scale = _check_scale(scale, q.shape[-1])
+    check_devices(xp, q=q, k=k, v=v, key_mask=key_mask)
+    batch = check_qkv(xp, q, k, v, ("q", "k", "v"))
+    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    mask = check_mask(xp, key_mask, batch, k.shape[-2], "key_mask")
+    scale = check_scale(scale, q.shape[-1])
     if check_finite:
-        _check_finite(xp, mask, q=q, k=k, v=v)
+        _finite(xp, mask, q=q, k=k, v=v)
     dtype = compute_dtype(xp, q.dtype)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     allowed = None

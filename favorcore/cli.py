@@ -18,9 +18,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .attention import DEFAULT_CHUNK_SIZE, favor_attention, softmax_attention
+from .attention import favor_attention, softmax_attention
 from .balance import balance_statistics
 from .features import OptimalPositiveFeatures, PositiveFeatures
+from .steps import namespace_of
 
 __all__ = ["main"]
 
@@ -139,6 +140,9 @@ def chunks(
     fmap = PositiveFeatures(m=m, seed=0)
     q, k, v = (rng.standard_normal((heads, length, d)).astype(np.float32) * 0.5 for _ in range(3))
     favor_attention(q, k, v, features=fmap, causal=True)
+    from .steps import steps_for
+
+    default = steps_for(namespace_of(q)).chunk
     print(f"causal FAVOR+, NumPy float32, {heads} heads, L={length}, d={d}, m={m}", file=out)
     print(f"{'chunk':>7} {'median ms':>10}", file=out)
     for c in sizes:
@@ -146,7 +150,7 @@ def chunks(
             functools.partial(favor_attention, q, k, v, features=fmap, causal=True, chunk_size=c),
             repeats,
         )
-        mark = "  (default)" if c == DEFAULT_CHUNK_SIZE else ""
+        mark = "  (default)" if c == default else ""
         print(f"{c:>7} {1e3 * t:>10.1f}{mark}", file=out)
 
 
@@ -161,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``favorcore`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["bench"]:  # the benchmark has its own options
-        from .bench import main as bench_main
+        from favorcore_backends.bench import main as bench_main
 
         return bench_main(args_list[1:])
     parser = argparse.ArgumentParser(prog="favorcore", description=__doc__.splitlines()[0])

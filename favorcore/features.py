@@ -5,7 +5,14 @@ and maps queries and keys **together**: ``qf, kf = fmap(x, y, key_mask=...)``. T
 attention functions pass the *scaled* rows ``x = sqrt(scale) q`` and
 ``y = sqrt(scale) k``, so that the softmax-kernel maps estimate ``exp(x . y)``.
 
-Queries and keys get different stabilisers (DESIGN.md section 4):
+A map tells the engine what it is (:attr:`FeatureMap.positive`,
+:attr:`FeatureMap.softmax`, :attr:`FeatureMap.data_dependent`, :meth:`FeatureMap.causal_form`)
+and gives, for one call, its :class:`Form`: how to compute the features of any block of
+query rows and of key rows. The positive maps (FAVOR+, hyperbolic, FAVOR++) give an
+:class:`Exponent`, the one place where their stabilised exponent is derived; the other maps
+give their row features (:meth:`FeatureMap.query_features`, :meth:`FeatureMap.key_features`).
+
+Queries and keys get different stabilisers:
 
 * a query row may be multiplied by any positive constant, since it appears in both the
   numerator and the denominator of its attention output; the maps use the per-row max.
@@ -28,7 +35,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,20 +51,20 @@ from ._compat import (
     row_mean,
     stop_gradient,
 )
-from .projection import (
-    NORM_KINDS,
-    PROJECTION_KINDS,
-    NormKind,
-    ProjectionKind,
-    draw_projection,
-)
+from .projection import NORM_KINDS, PROJECTION_KINDS, NormKind, ProjectionKind, draw_projection
+
+if TYPE_CHECKING:
+    from .balance import Balance
 
 __all__ = [
     "AccuracyWarning",
+    "Exponent",
     "FeatureMap",
+    "Form",
     "GeneralizedFeatures",
     "OptimalPositiveFeatures",
     "PositiveFeatures",
+    "RowForm",
     "TrigonometricFeatures",
     "hyperbolic_features",
 ]
@@ -69,24 +76,227 @@ class AccuracyWarning(UserWarning):
     """An estimate favorcore computed is known to be inaccurate (e.g. a normaliser <= 0)."""
 
 
+# -- forms: the features of one call, block by block ----------------------------------------
+
+
+def _flatten(a: Array | None, batch: tuple[int, ...], tail: int) -> Array | None:
+    """``a`` of shape ``lead + tail dims`` (lead ``()`` or broadcasting to ``batch``) as
+    ``(n_rows,) + tail dims``, or unchanged when it has no lead."""
+    if a is None or a.ndim == tail:
+        return a
+    xp = namespace(a=a)
+    shape = tuple(a.shape[-tail:])
+    return xp.reshape(xp.broadcast_to(a, (*batch, *shape)), (math.prod(batch), *shape))
+
+
+def _pick(a: Array | None, r: int) -> Array | None:
+    """Row ``r`` of a flattened ``(n_rows, ...)`` array (or the array itself when it has
+    one row for all, or no lead)."""
+    if a is None or a.ndim <= 2:
+        return a
+    return a[r % a.shape[0], ...]
+
+
+class Form:
+    """How one call computes features of blocks of rows: the engine's view of a map.
+
+    ``x`` and ``y`` are the call's rows as they come in (unscaled, in the compute dtype):
+    the form applies the scale, the balance and the map. A form's arrays have no leading
+    dimension (one for every row), the call's batch dimensions, or, after
+    :meth:`flatten`, one ``n_rows`` dimension; :meth:`select` picks one batch row's.
+    """
+
+    def queries(self, xp: ModuleType, x: Array) -> Array:
+        """Stabilised features of query rows ``x`` (``(..., rows, d)``)."""
+        raise NotImplementedError
+
+    def keys(self, xp: ModuleType, y: Array) -> Array:
+        """Stabilised features of key rows ``y`` (``(..., rows, d)``)."""
+        raise NotImplementedError
+
+    def flatten(self, batch: tuple[int, ...]) -> Form:
+        """The form with its batch dimensions flattened to one (``n_rows``)."""
+        raise NotImplementedError
+
+    def select(self, r: int) -> Form:
+        """The form of batch row ``r`` of a flattened form (2-D blocks)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Exponent(Form):
+    r"""The exponent form of a positive map: every feature is ``exp`` of an affine map.
+
+    Queries: ``phi(Q) = exp(e - max_row e)`` with ``e = x @ query + query_bias``; keys, with
+    ``k' = y`` or, balanced, ``k' = y @ transform - shift``:
+    ``phi(K) = exp(k' @ key + key_bias - half |k'|^2)``. For a map with rows ``w``
+    (``[W; -W]`` for antithetic maps), ``A`` (0 for FAVOR+), ``b = sqrt(1 - 4A)``,
+    ``s = sqrt(scale)`` and the balance ``M``, ``M^-T``, ``c``:
+
+    =============  ======================================  ==============================
+    field          balanced                                 not balanced
+    =============  ======================================  ==============================
+    ``query``      ``s M b W^T``                            ``s b W^T``
+    ``key``        ``b W^T``                                ``s b W^T``
+    ``half``       ``1/2``                                  ``s^2 / 2``
+    ``transform``  ``s M^-T``                               None
+    ``shift``      ``c``                                    None
+    =============  ======================================  ==============================
+
+    ``query_bias = A |w|^2 + o`` and ``key_bias = A |w|^2 - o - log(m) / 2`` with the
+    data-independent offset ``o = max(0, top - B)`` (module docstring). Adapters compute
+    the same features faster from these fields; :attr:`memo` keeps what they derive from
+    them once per call.
+    """
+
+    query: Array  # lead + (d, m)
+    query_bias: Array  # lead + (1, m)
+    key: Array  # lead + (d, m)
+    key_bias: Array  # lead + (1, m)
+    half: float
+    transform: Array | None = None  # lead + (d, d)
+    shift: Array | None = None  # lead + (1, d)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def queries(self, xp: ModuleType, x: Array) -> Array:
+        """``exp(e - max_row e)``, ``e = x @ query + query_bias`` (the max a constant)."""
+        e = x @ self.query + self.query_bias
+        if x.shape[-2]:  # (Dask cannot reduce an empty axis)
+            e = e - stop_gradient(xp, xp.max(e, axis=-1, keepdims=True))
+        return xp.exp(e)
+
+    def balanced_keys(self, xp: ModuleType, y: Array) -> Array:
+        """``k'``: the rows the key features are computed from."""
+        if self.transform is None:
+            return y
+        assert self.shift is not None
+        return y @ self.transform - self.shift
+
+    def keys(self, xp: ModuleType, y: Array) -> Array:
+        """``exp(k' @ key + key_bias - half |k'|^2)``: every one at most ``exp(B)``."""
+        y = self.balanced_keys(xp, y)
+        half_sq = xp.sum(y * y, axis=-1, keepdims=True) * self.half
+        return xp.exp(y @ self.key + (self.key_bias - half_sq))
+
+    def flatten(self, batch: tuple[int, ...]) -> Exponent:
+        def f(a: Array | None) -> Array | None:
+            return _flatten(a, batch, 2)
+
+        return Exponent(f(self.query), f(self.query_bias), f(self.key), f(self.key_bias),
+                        self.half, f(self.transform), f(self.shift))  # fmt: skip
+
+    def select(self, r: int) -> Exponent:
+        if self.query.ndim == 2 and self.key_bias.ndim == 2:
+            return self
+        return Exponent(_pick(self.query, r), _pick(self.query_bias, r), _pick(self.key, r),
+                        _pick(self.key_bias, r), self.half, _pick(self.transform, r),
+                        _pick(self.shift, r))  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class RowForm(Form):
+    """The form of a map without an exponent: its row features after scale and balance.
+
+    Queries become ``x @ query_transform`` (``sqrt(scale) M``) and keys
+    ``y @ key_transform - shift`` (``sqrt(scale) M^-T``, ``c``), or both ``sqrt(scale)``
+    times the rows without a balance; then :meth:`FeatureMap.query_features` and
+    :meth:`FeatureMap.key_features` map them.
+    """
+
+    fmap: FeatureMap
+    w: Array | None
+    root: float
+    query_transform: Array | None = None
+    key_transform: Array | None = None
+    shift: Array | None = None
+
+    def queries(self, xp: ModuleType, x: Array) -> Array:
+        x = x * self.root if self.query_transform is None else x @ self.query_transform
+        return self.fmap.query_features(xp, x, self.w)
+
+    def keys(self, xp: ModuleType, y: Array) -> Array:
+        if self.key_transform is None:
+            y = y * self.root
+        else:
+            assert self.shift is not None
+            y = y @ self.key_transform - self.shift
+        return self.fmap.key_features(xp, y, self.w)
+
+    def flatten(self, batch: tuple[int, ...]) -> RowForm:
+        return RowForm(self.fmap, self.w, self.root, _flatten(self.query_transform, batch, 2),
+                       _flatten(self.key_transform, batch, 2), _flatten(self.shift, batch, 2))  # fmt: skip
+
+    def select(self, r: int) -> RowForm:
+        return RowForm(self.fmap, self.w, self.root, _pick(self.query_transform, r),
+                       _pick(self.key_transform, r), _pick(self.shift, r))  # fmt: skip
+
+
 def _key_bound(xp: ModuleType, dtype: Any) -> float:
     """``B``: every positive-map key feature is at most ``exp(B)``."""
     return 0.5 * math.log(float(xp.finfo(dtype).max)) - 4.0
+
+
+def exponent(
+    xp: ModuleType,
+    w: Array,
+    *,
+    root: float,
+    a: float | Array = 0.0,
+    balance: Balance | None = None,
+    stabilise: bool = True,
+) -> Exponent:
+    r"""The exponent form of the positive features with rows ``w`` (see :class:`Exponent`).
+
+    The one derivation of FAVOR+'s and FAVOR++'s exponent:
+    ``A |w|^2 + sqrt(1 - 4A) w . x - |x|^2/2`` per row ``w`` of the projection, with the
+    query side's per-row terms dropped (they cancel), the keys' stabilising offset moved to
+    the queries and ``m^(-1/2)`` kept on the keys. ``a`` is a float or an array
+    ``batch + (1, 1)`` (a gradient constant); ``balance`` folds ``M`` into the queries'
+    matrix and becomes the keys' transform. With ``stabilise=False`` the key side is the
+    unbiased ``phi`` itself: no offset, and the constant ``(1 - 4A)^(d/4)``.
+    """
+    dtype, m, d = w.dtype, w.shape[0], w.shape[1]
+    sq = xp.sum(w * w, axis=-1)[None, :]  # (1, m)
+    if not isinstance(a, float | int):
+        a = stop_gradient(xp, xp.astype(a, dtype, copy=False))
+    b = (1 - 4 * a) ** 0.5
+    bias = a * sq
+    if stabilise:
+        top = bias + (1 - 4 * a) * sq / 2
+        bound = _key_bound(xp, dtype)
+        offset = xp.where(top > bound, top - bound, 0.0)
+        key_bias = bias - offset - 0.5 * math.log(m)
+    else:
+        offset = 0.0
+        log_a = d / 4 * (math.log(1 - 4 * a) if isinstance(a, float | int) else xp.log(1 - 4 * a))
+        key_bias = bias - 0.5 * math.log(m) + log_a
+    w_t = xp.matrix_transpose(w) * b  # lead + (d, m)
+    if balance is None:
+        return Exponent(w_t * root, bias + offset, w_t * root, key_bias, root * root / 2)
+    query = xp.astype(balance.query, dtype, copy=False) * root
+    key = xp.astype(balance.key, dtype, copy=False) * root
+    shift = xp.astype(balance.shift, dtype, copy=False)
+    return Exponent(query @ w_t, bias + offset, w_t, key_bias, 0.5, key, shift)
+
+
+# -- the maps -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
 class FeatureMap:
     """Base class of the feature maps: seed, projection settings and the q/k interface.
 
-    Subclasses define :meth:`apply` (stabilised query and key features, given the
-    projection as an array) and :meth:`phi` (unstabilised features).
+    A new map defines :meth:`query_features` and :meth:`key_features` (stabilised features
+    of scaled rows, given the projection; each row on its own) and :meth:`phi`
+    (unstabilised features), and says what it is through the properties below; the engine
+    then runs it like any other map, block by block, on every backend.
 
     Parameters
     ----------
     m : int
         Number of feature columns.
-    projection : {"iid", "orthogonal", "hadamard", "givens"}
-        Kind of random projection (see :mod:`favorcore.projection`).
+    projection : {"iid", "orthogonal", "hadamard", "givens", "simplex"}
+        Kind of random projection (see :func:`favorcore.draw_projection`).
     norms : {"chi", "fixed"}
         Row lengths of the projection.
     seed : int or None
@@ -123,15 +333,36 @@ class FeatureMap:
         elif isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
+    # -- what the map is (the engine asks these) ------------------------------------------
+
     @property
     def paired(self) -> bool:
         """True when features come in pairs drawn from one projection row (m must be even)."""
         return False
 
     @property
-    def data_dependent(self) -> bool:
-        """True when the map computes statistics from each call's queries and keys."""
+    def positive(self) -> bool:
+        """True when every feature is positive: a normaliser is then > 0 unless it
+        underflowed."""
         return False
+
+    @property
+    def softmax(self) -> bool:
+        """True when ``phi(x) . phi(y)`` estimates ``exp(x . y)``: the balance (which leaves
+        softmax attention unchanged) then applies."""
+        return False
+
+    @property
+    def data_dependent(self) -> bool:
+        """True when the map computes statistics from each call's queries and keys (it can
+        then not be used causally or with a state without given statistics)."""
+        return False
+
+    def causal_form(self) -> FeatureMap:
+        """The map as used where statistics cannot come from the call's tokens (causal
+        calls, carried states) and none are given: the map itself unless
+        :attr:`data_dependent`."""
+        return self
 
     # -- the projection -------------------------------------------------------------------
 
@@ -161,7 +392,7 @@ class FeatureMap:
         return self._cache[key]  # type: ignore[no-any-return]
 
     def feature_matrix(self, d: int) -> np.ndarray | None:
-        """The float64 host matrix :meth:`apply` expects for inputs of dimension ``d``.
+        """The float64 host matrix the map computes its features from (``projection=``).
 
         The drawn projection ``W``, or ``[W; -W]`` for antithetic maps; None without one.
         Adapters that keep the projection themselves (a module buffer) start from this.
@@ -186,10 +417,8 @@ class FeatureMap:
         return w
 
     def stack_rows(self, w: Array) -> Array:
-        """The matrix :meth:`apply` expects, from drawn projection rows ``w`` (any namespace).
-
-        ``w`` itself, or ``[w; -w]`` for antithetic maps.
-        """
+        """The matrix the map computes from, given drawn projection rows ``w`` (any
+        namespace): ``w`` itself, or ``[w; -w]`` for antithetic maps."""
         return w
 
     def _remember(self, key: tuple[Any, ...], value: Any) -> None:
@@ -197,7 +426,43 @@ class FeatureMap:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = value
 
-    # -- the maps -------------------------------------------------------------------------
+    def _matrix(self, x: Array, w: Array | None) -> Array | None:
+        """``w`` (in ``x``'s compute dtype), or the map's own projection."""
+        if w is None:
+            return self.projection_like(x)
+        xp = namespace(w=w)
+        return xp.astype(w, compute_dtype(xp, x.dtype), copy=False)
+
+    # -- the features ---------------------------------------------------------------------
+
+    def form(
+        self,
+        xp: ModuleType,
+        x: Array,
+        y: Array,
+        w: Array | None,
+        *,
+        root: float,
+        balance: Balance | None = None,
+        key_mask: Array | None = None,
+        query_mask: Array | None = None,
+    ) -> Form:
+        """This map's :class:`Form` for one call on the rows ``x``, ``y`` (unscaled, compute
+        dtype), scaled by ``root`` and balanced by ``balance``; the masks keep padding out
+        of any statistic. The base class gives the :class:`RowForm`."""
+        if balance is None:
+            return RowForm(self, w, root)
+        dtype = x.dtype
+        qt, kt = (xp.astype(t, dtype, copy=False) * root for t in (balance.query, balance.key))
+        return RowForm(self, w, 1.0, qt, kt, xp.astype(balance.shift, dtype, copy=False))
+
+    def query_features(self, xp: ModuleType, x: Array, w: Array | None) -> Array:
+        """Stabilised features of scaled query rows ``x`` (any positive factor per row)."""
+        raise NotImplementedError
+
+    def key_features(self, xp: ModuleType, y: Array, w: Array | None) -> Array:
+        """Stabilised features of scaled key rows ``y`` (no factor that depends on a row)."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -206,6 +471,7 @@ class FeatureMap:
         *,
         key_mask: Array | None = None,
         query_mask: Array | None = None,
+        projection: Array | None = None,
     ) -> tuple[Array, Array]:
         """Stabilised features of queries ``x`` ``(..., Lq, d)`` and keys ``y`` ``(..., Lk, d)``.
 
@@ -214,12 +480,15 @@ class FeatureMap:
         to a positive factor per query row, which cancels in attention. ``key_mask`` (True =
         attend) keeps masked keys out of any statistic a map computes, ``query_mask``
         ``(..., Lq)`` (True = a real query) padded queries; the caller removes masked rows
-        themselves (:func:`favorcore.linear_attention` does).
+        themselves (:func:`favorcore.linear_attention` does). ``projection`` replaces the
+        map's own matrix (:meth:`feature_matrix`'s shape).
         """
         xp = self._check_inputs(x=x, y=y)
-        return self.apply(
-            x, y, self.projection_like(x), key_mask=key_mask, query_mask=query_mask, xp=xp
-        )
+        dtype = compute_dtype(xp, x.dtype)
+        x, y = xp.astype(x, dtype, copy=False), xp.astype(y, dtype, copy=False)
+        w = self._matrix(x, projection)
+        form = self.form(xp, x, y, w, root=1.0, key_mask=key_mask, query_mask=query_mask)
+        return form.queries(xp, x), form.keys(xp, y)
 
     def _check_inputs(self, **arrays: Array) -> ModuleType:
         xp = namespace(**arrays)
@@ -239,71 +508,24 @@ class FeatureMap:
                 raise TypeError(f"{name} has dtype {a.dtype}, but {names[0]} has {first.dtype}")
         return xp
 
-    def apply(
-        self,
-        x: Array,
-        y: Array,
-        w: Array | None,
-        *,
-        key_mask: Array | None = None,
-        query_mask: Array | None = None,
-        xp: ModuleType | None = None,
-    ) -> tuple[Array, Array]:
-        """Stabilised ``(qf, kf)`` given the projection ``w`` as an array of ``x``'s namespace.
-
-        This is the seam for adapters that keep their own projection (a module buffer, a
-        matrix drawn from a ``jax.random`` key): ``w`` has shape ``(rows, d)`` for this map
-        (the antithetic maps expect the stacked ``[W; -W]``).
-        """
-        raise NotImplementedError
-
     def phi(self, x: Array) -> Array:
         """Unstabilised features of rows ``x``; ``phi(x) @ phi(y).T`` estimates the kernel."""
         raise NotImplementedError
 
 
-def _half_sq_norm(xp: ModuleType, x: Array, dtype: Any) -> Array:
-    """``|x|^2 / 2`` per row, ``(..., L, 1)``, in ``dtype``."""
-    x = xp.astype(x, dtype, copy=False)
+def _half_sq_norm(xp: ModuleType, x: Array) -> Array:
+    """``|x|^2 / 2`` per row, ``(..., L, 1)``."""
     return xp.sum(x * x, axis=-1, keepdims=True) / 2
 
 
 def _needs_projection(fmap: FeatureMap, w: Array | None) -> Array:
     if w is None:
-        raise ValueError(f"{type(fmap).__name__} needs a projection matrix w, got None")
+        raise ValueError(f"{type(fmap).__name__} needs a projection matrix, got None")
     return w
 
 
 def _project(xp: ModuleType, x: Array, w: Array | None) -> Array:
-    x = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
     return x if w is None else x @ xp.matrix_transpose(w)
-
-
-def _positive_pair(xp: ModuleType, x: Array, y: Array, w: Array, a: Any) -> tuple[Array, Array]:
-    """Stabilised ``exp(A |w|^2 + sqrt(1 - 4A) w . x - |x|^2/2)`` for queries and keys.
-
-    ``A = 0`` is FAVOR+. Queries: ``-|x|^2/2`` (a per-row constant) is dropped and the row
-    max taken out. Keys: no data-dependent shift; the per-feature constant
-    ``c_i = max(0, top_i - B)`` (``top_i = A |w_i|^2 + (1 - 4A) |w_i|^2 / 2``, the largest a
-    key's exponent can be) moves to the query side, so every key feature is <= exp(B).
-    """
-    px, py = _project(xp, x, w), _project(xp, y, w)
-    sq = xp.sum(w * w, axis=-1)
-    if isinstance(a, float) and a == 0.0:
-        bias, top = 0.0, sq / 2
-    else:
-        b = (1 - 4 * a) ** 0.5
-        px, py = px * b, py * b
-        bias, top = a * sq, a * sq + (1 - 4 * a) * sq / 2
-    half_log_m = 0.5 * math.log(w.shape[0])
-    bound = _key_bound(xp, w.dtype)
-    offset = xp.where(top > bound, top - bound, 0.0)
-    lq = px + bias + offset
-    if lq.shape[-2] != 0:  # (no queries: a key-only call; Dask cannot reduce empty arrays)
-        lq = lq - stop_gradient(xp, xp.max(lq, axis=-1, keepdims=True))
-    qf = xp.exp(lq - half_log_m)
-    kf = xp.exp(py - _half_sq_norm(xp, y, py.dtype) + bias - offset - half_log_m)
-    return qf, kf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,6 +564,16 @@ class PositiveFeatures(FeatureMap):
         """Antithetic features come in ``+-w`` pairs."""
         return self.antithetic
 
+    @property
+    def positive(self) -> bool:
+        """Positive features."""
+        return True
+
+    @property
+    def softmax(self) -> bool:
+        """An estimator of the softmax kernel."""
+        return True
+
     def stack_rows(self, w: Array) -> Array:
         """``[w; -w]`` for the antithetic (hyperbolic) map, else ``w``."""
         if not self.antithetic:
@@ -351,21 +583,23 @@ class PositiveFeatures(FeatureMap):
         xp = namespace(w=w)
         return xp.concat([w, -w], axis=0)
 
-    def apply(
+    def form(
         self,
+        xp: ModuleType,
         x: Array,
         y: Array,
         w: Array | None,
         *,
+        root: float,
+        balance: Balance | None = None,
         key_mask: Array | None = None,
         query_mask: Array | None = None,
-        xp: ModuleType | None = None,
-    ) -> tuple[Array, Array]:
-        """Stabilised positive features; see the module docstring for the stabilisers."""
-        w = _needs_projection(self, w)
-        xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        a = self.coefficient(x, y, key_mask=key_mask, query_mask=query_mask)
-        return _positive_pair(xp, x, y, w, a)
+    ) -> Exponent:
+        """The :class:`Exponent` of this call: ``A`` from :meth:`coefficient`."""
+        spread = None if balance is None else balance.spread
+        a = self.coefficient(x, y, key_mask=key_mask, query_mask=query_mask,
+                             scale=root * root, spread=spread)  # fmt: skip
+        return exponent(xp, _needs_projection(self, w), root=root, a=a, balance=balance)
 
     def coefficient(
         self,
@@ -386,9 +620,12 @@ class PositiveFeatures(FeatureMap):
     def phi(self, x: Array) -> Array:
         """Unbiased features ``m^(-1/2) exp(W x - |x|^2/2)`` (may overflow for large norms)."""
         xp = self._check_inputs(x=x)
+        x = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
         w = _needs_projection(self, self.projection_like(x))
-        px = _project(xp, x, w)
-        return xp.exp(px - _half_sq_norm(xp, x, px.dtype) - 0.5 * math.log(w.shape[0]))
+        return exponent(xp, w, root=1.0, a=self._fixed_a(), stabilise=False).keys(xp, x)
+
+    def _fixed_a(self) -> float:
+        return 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,7 +642,8 @@ class OptimalPositiveFeatures(PositiveFeatures):
     batch row and head: a statistic of queries and keys together, held constant for
     autograd. Such a data-dependent map is for bidirectional calls; causal attention and
     calls that carry a state need a fixed ``a`` (e.g. ``A*`` of a calibration batch,
-    :meth:`optimal_a`). Antithetic ``+-w`` pairs are on by default.
+    :meth:`optimal_a`) or statistics with a spread. Antithetic ``+-w`` pairs are on by
+    default. Its :meth:`causal_form` is the same map with ``a=0`` (FAVOR+ with ``+-w`` pairs).
 
     Examples
     --------
@@ -432,6 +670,14 @@ class OptimalPositiveFeatures(PositiveFeatures):
     def data_dependent(self) -> bool:
         """True when ``A`` is computed from each call's queries and keys."""
         return self.a is None
+
+    def causal_form(self) -> FeatureMap:
+        """With ``a=None``: the same projection with ``A = 0``; else the map itself."""
+        if self.a is not None:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, a=0.0)
 
     @staticmethod
     def optimal_a(
@@ -492,12 +738,11 @@ class OptimalPositiveFeatures(PositiveFeatures):
         """Unbiased features for a fixed ``a`` (a data-dependent map has no single phi)."""
         if self.a is None:
             raise ValueError("phi needs a fixed a: OptimalPositiveFeatures(a=...)")
-        xp = self._check_inputs(x=x)
-        w = _needs_projection(self, self.projection_like(x))
-        b = math.sqrt(1 - 4 * self.a)
-        px = _project(xp, x, w) * b
-        log_c = x.shape[-1] / 4 * math.log(1 - 4 * self.a) - 0.5 * math.log(w.shape[0])
-        return xp.exp(px + self.a * xp.sum(w * w, axis=-1) - _half_sq_norm(xp, x, px.dtype) + log_c)
+        return super().phi(x)
+
+    def _fixed_a(self) -> float:
+        assert self.a is not None
+        return float(self.a)
 
 
 def _a_star(xp: ModuleType, rho: Array) -> Array:
@@ -540,47 +785,44 @@ class TrigonometricFeatures(FeatureMap):
         """Features come in sin/cos pairs."""
         return True
 
-    def apply(
-        self,
-        x: Array,
-        y: Array,
-        w: Array | None,
-        *,
-        key_mask: Array | None = None,
-        query_mask: Array | None = None,
-        xp: ModuleType | None = None,
-    ) -> tuple[Array, Array]:
-        """Stabilised features: the query's ``exp(|x|^2/2)`` (a per-row constant) is dropped.
+    @property
+    def softmax(self) -> bool:
+        """An estimator of the softmax kernel."""
+        return True
 
-        Raises ``ValueError`` (eager arrays) when a key's ``exp(|y|^2/2)`` would overflow the
-        compute dtype: the estimate would be inf/NaN, not an answer.
+    def query_features(self, xp: ModuleType, x: Array, w: Array | None) -> Array:
+        """``[sin(W x), cos(W x)] / sqrt(m/2)``: the query's ``exp(|x|^2/2)`` (a per-row
+        constant) is dropped."""
+        px = _project(xp, x, _needs_projection(self, w))
+        return xp.concat([xp.sin(px), xp.cos(px)], axis=-1) / math.sqrt(px.shape[-1])
+
+    def key_features(self, xp: ModuleType, y: Array, w: Array | None) -> Array:
+        """``exp(|y|^2/2) [sin(W y), cos(W y)] / sqrt(m/2)``.
+
+        Raises ``ValueError`` (eager arrays) when ``exp(|y|^2/2)`` of a key would overflow
+        the compute dtype: the estimate would be inf/NaN, not an answer.
         """
-        w = _needs_projection(self, w)
-        xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        px, py = _project(xp, x, w), _project(xp, y, w)
+        py = _project(xp, y, _needs_projection(self, w))
+        half = _half_sq_norm(xp, y)
         if is_eager(y) and y.shape[-2]:
-            top = float(xp.max(_half_sq_norm(xp, y, py.dtype)))
-            limit = math.log(float(xp.finfo(py.dtype).max)) - math.log(max(y.shape[-2], 1)) - 1.0
+            top = float(xp.max(half))
+            limit = math.log(float(xp.finfo(py.dtype).max)) - math.log(y.shape[-2]) - 1.0
             if top > limit:
                 raise ValueError(
                     f"keys too large for trigonometric features: exp(|y|^2/2) = exp({top:.1f}) "
                     f"overflows {py.dtype} (limit exp({limit:.1f})); use PositiveFeatures, "
                     "which bound every key feature, or scale the inputs down"
                 )
-        scale = 1.0 / math.sqrt(w.shape[0])
-        qf = xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * scale
-        kf = xp.concat([xp.sin(py), xp.cos(py)], axis=-1) * (
-            xp.exp(_half_sq_norm(xp, y, py.dtype)) * scale
-        )
-        return qf, kf
+        trig = xp.concat([xp.sin(py), xp.cos(py)], axis=-1)
+        return trig * (xp.exp(half) / math.sqrt(py.shape[-1]))
 
     def phi(self, x: Array) -> Array:
         """Unbiased features ``(m/2)^(-1/2) exp(|x|^2/2) [sin(W x), cos(W x)]``."""
         xp = self._check_inputs(x=x)
-        w = _needs_projection(self, self.projection_like(x))
-        px = _project(xp, x, w)
+        x = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
+        px = _project(xp, x, _needs_projection(self, self.projection_like(x)))
         return xp.concat([xp.sin(px), xp.cos(px)], axis=-1) * (
-            xp.exp(_half_sq_norm(xp, x, px.dtype)) / math.sqrt(w.shape[0])
+            xp.exp(_half_sq_norm(xp, x)) / math.sqrt(px.shape[-1])
         )
 
 
@@ -604,7 +846,8 @@ GENERALIZED_KERNELS: dict[str, Callable[[ModuleType, Array], Array]] = {
 class GeneralizedFeatures(FeatureMap):
     """Generalized attention: ``phi(x) = f(W x) + epsilon``, or ``f(x) + epsilon`` unprojected.
 
-    Not an estimator of the softmax kernel: the kernel is ``phi(x) . phi(y)`` itself.
+    Not an estimator of the softmax kernel: the kernel is ``phi(x) . phi(y)`` itself, so
+    the balance (exact for softmax attention only) does not apply.
 
     Parameters
     ----------
@@ -644,29 +887,27 @@ class GeneralizedFeatures(FeatureMap):
         ):
             raise ValueError(f"epsilon must be a finite number >= 0, got {self.epsilon!r}")
 
+    @property
+    def positive(self) -> bool:
+        """Positive for the built-in kernels but ``"identity"``; a callable is not assumed
+        positive."""
+        return self.kernel in ("relu", "elu+1", "exp") and self.epsilon > 0
+
     def _f(self, xp: ModuleType, a: Array) -> Array:
         if callable(self.kernel):
             return self.kernel(a)
         return GENERALIZED_KERNELS[self.kernel](xp, a)
 
-    def apply(
-        self,
-        x: Array,
-        y: Array,
-        w: Array | None,
-        *,
-        key_mask: Array | None = None,
-        query_mask: Array | None = None,
-        xp: ModuleType | None = None,
-    ) -> tuple[Array, Array]:
-        """``f(W x) + epsilon`` for queries and keys alike (no stabiliser)."""
-        xp = namespace(x=x, y=y, w=w) if xp is None else xp
-        return (
-            self._f(xp, _project(xp, x, w)) + self.epsilon,
-            self._f(xp, _project(xp, y, w)) + self.epsilon,
-        )
+    def query_features(self, xp: ModuleType, x: Array, w: Array | None) -> Array:
+        """``f(W x) + epsilon``."""
+        return self._f(xp, _project(xp, x, w)) + self.epsilon
+
+    def key_features(self, xp: ModuleType, y: Array, w: Array | None) -> Array:
+        """``f(W y) + epsilon``."""
+        return self._f(xp, _project(xp, y, w)) + self.epsilon
 
     def phi(self, x: Array) -> Array:
         """``f(W x) + epsilon``."""
         xp = self._check_inputs(x=x)
-        return self._f(xp, _project(xp, x, self.projection_like(x))) + self.epsilon
+        x = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
+        return self.query_features(xp, x, self.projection_like(x))

@@ -47,7 +47,7 @@ Seed = int | np.random.SeedSequence | None
 PROJECTION_KINDS: tuple[str, ...] = get_args(ProjectionKind)
 NORM_KINDS: tuple[str, ...] = get_args(NormKind)
 
-__all__ = ["NORM_KINDS", "PROJECTION_KINDS", "draw_projection", "projection"]
+__all__ = ["NORM_KINDS", "PROJECTION_KINDS", "draw_projection"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -126,8 +126,11 @@ def draw_projection(
     kind: ProjectionKind = "orthogonal",
     norms: NormKind = "chi",
     seed: Seed = None,
-) -> np.ndarray:
-    """Draw a ``(rows, d)`` random projection on the host in float64.
+    xp: ModuleType | None = None,
+    dtype: Any = None,
+    device: Any = None,
+) -> Array:
+    """Draw a ``(rows, d)`` random projection on the host in float64 (in ``xp`` if given).
 
     Parameters
     ----------
@@ -141,11 +144,16 @@ def draw_projection(
         Row lengths: independent chi(d) draws, or all ``sqrt(d)``.
     seed : int, numpy.random.SeedSequence or None
         Seed of ``numpy.random.default_rng``; ``None`` draws fresh entropy.
+    xp : namespace, optional
+        Array API namespace of the result; by default a NumPy array.
+    dtype, device : optional
+        Floating dtype (default float64) and device of the result in ``xp``.
 
     Returns
     -------
-    numpy.ndarray
-        float64 array of shape ``(rows, d)``.
+    array
+        ``(rows, d)``: a float64 NumPy array, or an array of ``xp``. The same seed gives
+        the same values in every namespace, up to the rounding of ``dtype``.
 
     Raises
     ------
@@ -162,6 +170,9 @@ def draw_projection(
     >>> g = w[:4] @ w[:4].T  # one block: orthogonal rows
     >>> bool(np.allclose(g - np.diag(np.diag(g)), 0))
     True
+    >>> import array_api_strict
+    >>> draw_projection(4, 2, seed=1, xp=array_api_strict, dtype=array_api_strict.float32).dtype
+    array_api_strict.float32
     """
     rows = _check_positive_int("rows", rows)
     d = _check_positive_int("d", d)
@@ -174,7 +185,13 @@ def draw_projection(
             f"kind='hadamard' needs d to be a power of two, got d={d}; "
             "use kind='orthogonal' or 'givens' for other d"
         )
-    rng = np.random.default_rng(seed)
+    host = _draw(np.random.default_rng(seed), rows, d, kind, norms)
+    if xp is None:
+        return host
+    return from_host(xp, host, dtype=xp.float64 if dtype is None else dtype, device=device)
+
+
+def _draw(rng: np.random.Generator, rows: int, d: int, kind: str, norms: str) -> np.ndarray:
     if kind == "iid":
         w = rng.standard_normal((rows, d))
         if norms == "fixed":
@@ -186,49 +203,5 @@ def draw_projection(
     lengths = (
         np.sqrt(rng.chisquare(d, size=rows)) if norms == "chi" else np.full(rows, math.sqrt(d))
     )
-    return w * lengths[:, None]
-
-
-def projection(
-    rows: int,
-    d: int,
-    *,
-    kind: ProjectionKind = "orthogonal",
-    norms: NormKind = "chi",
-    seed: Seed = None,
-    xp: ModuleType | None = None,
-    dtype: Any = None,
-    device: Any = None,
-) -> Array:
-    """Draw a projection on the host and return it in namespace ``xp``.
-
-    Parameters
-    ----------
-    rows, d, kind, norms, seed
-        As in :func:`draw_projection`.
-    xp : namespace, optional
-        Array API namespace of the result (``array_api_compat.numpy`` when omitted).
-    dtype : dtype, optional
-        Floating dtype of the result (``xp.float64`` when omitted).
-    device : device, optional
-        Device of the result (the namespace's default when omitted).
-
-    Returns
-    -------
-    array
-        ``(rows, d)`` array of ``xp``; the same seed gives the same values in every
-        namespace, up to the rounding of ``dtype``.
-
-    Examples
-    --------
-    >>> import array_api_strict as xp
-    >>> w = projection(4, 2, seed=1, xp=xp, dtype=xp.float32)
-    >>> w.shape, w.dtype == xp.float32
-    ((4, 2), True)
-    """
-    if xp is None:
-        import array_api_compat.numpy as xp_numpy
-
-        xp = xp_numpy
-    host = draw_projection(rows, d, kind=kind, norms=norms, seed=seed)
-    return from_host(xp, host, dtype=xp.float64 if dtype is None else dtype, device=device)
+    result: np.ndarray = w * lengths[:, None]
+    return result

@@ -64,3 +64,49 @@ def softmax_attention(q, k, v, *, causal=False, key_mask=None, scale=None) -> np
     den = e.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (e @ v) / den, 0.0)
+
+
+def naive_favor(
+    q, k, v, w, *, a=0.0, balance=None, scale=None, causal=False, key_mask=None, kv0=None
+):
+    """FAVOR attention from the formulas, quadratic, in float64: ``(out, kv)``.
+
+    ``phi(u) = m^-1/2 exp(A |w|^2 + sqrt(1 - 4A) w . u - |u|^2/2)`` for the rows ``w`` of
+    the projection (``[W; -W]`` for antithetic maps; ``A = 0``: FAVOR+) on the scaled rows
+    ``x = sqrt(s) q M``, ``y = sqrt(s) k M^-T - c`` (``balance``: ``(M, M^-T, c)``). The
+    constant ``(1 - 4A)^(d/4)`` cancels and is left out, as in the engine's states.
+    ``kv`` is the state after the call: ``kv0 + [phi(Y)^T V | phi(Y)^T 1]`` over valid keys.
+    """
+    q, k, v, w = (np.asarray(t, dtype=np.float64) for t in (q, k, v, w))
+    s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    x, y = math.sqrt(s) * q, math.sqrt(s) * k
+    if balance is not None:
+        m_q, m_k, c = (np.asarray(t, dtype=np.float64) for t in balance[:3])
+        x, y = x @ m_q, y @ m_k - c
+    a = np.asarray(a, dtype=np.float64)
+    if key_mask is not None:  # masked rows may hold anything: they never reach phi
+        y = np.where(key_mask[..., None], y, 0.0)
+        v = np.where(key_mask[..., None], v, 0.0)
+
+    def phi(u):
+        e = (
+            a * (w * w).sum(-1)
+            + np.sqrt(1 - 4 * a) * (u @ w.T)
+            - (u * u).sum(-1, keepdims=True) / 2
+        )
+        return np.exp(e) / math.sqrt(w.shape[0])
+
+    qf, kf = phi(x), phi(y)
+    if key_mask is not None:
+        kf = np.where(key_mask[..., None], kf, 0.0)
+    scores = np.where(
+        allowed(q.shape[-2], k.shape[-2], causal, key_mask), qf @ np.swapaxes(kf, -1, -2), 0.0
+    )
+    v1 = np.concatenate([v, np.ones((*v.shape[:-1], 1))], axis=-1)
+    out1 = scores @ v1
+    kv = np.swapaxes(kf, -1, -2) @ v1
+    if kv0 is not None:
+        out1, kv = out1 + qf @ np.asarray(kv0, dtype=np.float64), kv + kv0
+    num, den = out1[..., :-1], out1[..., -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, 0.0), kv

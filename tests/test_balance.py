@@ -312,7 +312,7 @@ def test_bad_query_mask_raises(backend: Backend, rng: np.random.Generator) -> No
     q, k, v = _offset_inputs(rng)
     a = backend.asarray
     fmap = fc.PositiveFeatures(m=8, seed=0)
-    with pytest.raises(ValueError, match=r"query_mask must broadcast to batch \+ \(Lq,\)"):
+    with pytest.raises(ValueError, match=r"query_mask must have shape batch \+ \(Lq,\)"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, query_mask=a(np.ones((2, 50), bool)))
     with pytest.raises(TypeError, match="query_mask must be a boolean array"):
         fc.favor_attention(a(q), a(k), a(v), features=fmap, query_mask=a(np.ones((2, 40))))

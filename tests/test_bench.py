@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from favorcore import bench
+from favorcore_backends import bench
 
 
 def test_bench_smoke(tmp_path, capsys) -> None:

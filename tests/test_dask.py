@@ -63,19 +63,26 @@ def test_cross_attention_with_different_chunking(client) -> None:
 
 
 def test_no_task_reads_more_than_its_blocks() -> None:
-    # Each causal output task depends directly on its own q, k, v and mask blocks and on
-    # one prefix state -- never on the whole sequence.
+    # Every task of the graph reads at most one chunk of each input (its block), never
+    # the whole sequence: the engine's blocks are the chunks.
     q, k, v, mask = _inputs()
-    lazy = [da.from_array(a, chunks=(2, 3, 100, a.shape[-1])) for a in (q, k, v)]
-    out = fdask.favor_attention(
-        *lazy, features=FMAP, causal=True, key_mask=da.from_array(mask, chunks=(2, 3, 100))
-    )
-    graph = dict(out.__dask_graph__())
-    blocks = [key for key in graph if "_causal_block" in str(key)]
-    assert len(blocks) == 6
-    for key in blocks:
-        deps = dask.core.get_dependencies(graph, key)
-        assert len(deps) <= 5, deps
+    lazy = [
+        da.from_array(a, chunks=(2, 3, 100, a.shape[-1]), name=n)
+        for a, n in zip((q, k, v), "qkv", strict=False)
+    ]
+    dmask = da.from_array(mask, chunks=(2, 3, 100), name="mask")
+    for causal in (False, True):
+        out = fdask.favor_attention(*lazy, features=FMAP, causal=causal, key_mask=dmask,
+                                    balance=False)  # fmt: skip
+        graph = dict(out.__dask_graph__())
+        inputs = {
+            key for key in graph if isinstance(key, tuple) and key[0] in ("q", "k", "v", "mask")
+        }
+        assert len(inputs) == 4 * 6
+        for key in graph:
+            deps = dask.core.get_dependencies(graph, key) & inputs
+            names = [d[0] for d in deps]
+            assert len(names) == len(set(names)), (key, deps)
 
 
 def test_bad_inputs_raise() -> None:
@@ -87,7 +94,9 @@ def test_bad_inputs_raise() -> None:
         fdask.favor_attention(
             lazy[0], lazy[1].rechunk((2, 3, 200, 8)), lazy[2], features=FMAP, causal=True
         )
-    with pytest.raises(ValueError, match="key_mask must be a dask array"):
+    with pytest.raises(TypeError, match="key_mask must be a dask array"):
+        fdask.favor_attention(*lazy, features=FMAP, key_mask=np.ones((2, 3, 600), dtype=bool))
+    with pytest.raises(ValueError, match=r"key_mask must have shape batch \+ \(Lk,\)"):
         fdask.favor_attention(*lazy, features=FMAP, key_mask=da.ones((2, 3, 5), dtype=bool))
 
 
@@ -106,5 +115,5 @@ def test_favorpp_and_given_statistics_blockwise(client, causal: bool) -> None:
     want = fc.favor_attention(q, k, v, features=fmap, causal=causal, key_mask=mask, balance=balance)
     np.testing.assert_allclose(client.compute(out).result(), want, rtol=0, atol=1e-12)
     if causal:
-        with pytest.raises(ValueError, match="balance it"):
+        with pytest.raises(ValueError, match="computes statistics from each call's tokens"):
             fdask.favor_attention(*lazy, features=fmap, causal=True)

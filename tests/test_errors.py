@@ -84,7 +84,7 @@ CASES = [
             q, k, v, features=FMAP, key_mask=a(np.ones((2, 5), bool))
         ),
         ValueError,
-        r"key_mask must broadcast to batch \+ \(Lk,\) = \(2, 6\)",
+        r"key_mask must have shape batch \+ \(Lk,\) = \(2, 6\)",
     ),
     (
         "mask batch",
@@ -92,7 +92,7 @@ CASES = [
             q, k, v, features=FMAP, key_mask=a(np.ones((3, 6), bool))
         ),
         ValueError,
-        "key_mask must broadcast",
+        "key_mask must have shape batch",
     ),
     (
         "mask too many dims",
@@ -100,7 +100,19 @@ CASES = [
             q, k, v, features=FMAP, key_mask=a(np.ones((4, 2, 6), bool))
         ),
         ValueError,
-        "key_mask must broadcast",
+        "key_mask must have shape batch",
+    ),
+    (
+        "mask of fewer dimensions",
+        lambda q, k, v, a, xp: fc.favor_attention(
+            q[None, ...],
+            k[None, ...],
+            v[None, ...],
+            features=FMAP,
+            key_mask=a(np.ones((1, 6), bool)),
+        ),
+        ValueError,
+        r"add the missing axes, e.g. key_mask\[:, None, :\]",
     ),
     (
         "mask scalar",
@@ -108,7 +120,7 @@ CASES = [
             q, k, v, features=FMAP, key_mask=a(np.array(True))
         ),
         ValueError,
-        "key_mask must broadcast",
+        "key_mask must have shape batch",
     ),
     (
         "chunk 0",
@@ -167,12 +179,12 @@ CASES = [
         "state.kv has shape",
     ),
     (
-        "state not a AttentionState",
+        "state not an AttentionState",
         lambda q, k, v, a, xp: fc.favor_attention(
             q, k, v, features=FMAP, causal=True, state=a(np.zeros((2, 8, 4)))
         ),
         TypeError,
-        "state must be a AttentionState",
+        "state must be an AttentionState",
     ),
     (
         "not an array",
@@ -196,7 +208,7 @@ CASES = [
         "linear: mask",
         lambda q, k, v, a, xp: fc.linear_attention(q, k, v, key_mask=a(np.ones(7, bool))),
         ValueError,
-        "key_mask must broadcast",
+        "key_mask must have shape batch",
     ),
     (
         "softmax: v length",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import Backend, check_array
 
-from favorcore import draw_projection, projection
+from favorcore import draw_projection
 
 KINDS = ["iid", "orthogonal", "hadamard", "givens"]
 Z = 5.0  # z-score bound of the statistical checks: two-sided p ~ 6e-7 per check
@@ -21,11 +21,15 @@ def test_same_seed_same_matrix_on_every_backend(backend: Backend, kind: str, row
     host = draw_projection(rows, 8, kind=kind, seed=7)
     assert host.dtype == np.float64
     assert host.shape == (rows, 8)
-    w64 = projection(rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float64, device=backend.device)
+    w64 = draw_projection(
+        rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float64, device=backend.device
+    )
     np.testing.assert_array_equal(
         check_array(backend, w64, shape=(rows, 8), dtype=xp.float64), host
     )
-    w32 = projection(rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float32, device=backend.device)
+    w32 = draw_projection(
+        rows, 8, kind=kind, seed=7, xp=xp, dtype=xp.float32, device=backend.device
+    )
     np.testing.assert_array_equal(
         check_array(backend, w32, shape=(rows, 8), dtype=xp.float32), host.astype(np.float32)
     )

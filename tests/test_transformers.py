@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-ftorch = pytest.importorskip("favorcore_backends.torch")
+ftrans = pytest.importorskip("favorcore_backends.transformers")
 
 import favorcore as fc
 
-NAME = ftorch.register_transformers("favor_test", features=fc.PositiveFeatures(m=512, seed=0))
+NAME = ftrans.register_transformers("favor_test", features=fc.PositiveFeatures(m=512, seed=0))
 
 
 def _bert(impl: str):
@@ -82,13 +82,13 @@ def test_unregistered_mask_is_refused() -> None:
 def test_calibrated_statistics_keep_a_causal_model_causal_and_close() -> None:
     # transformers_statistics pools each layer's q/k over a calibration batch; the default
     # map (FAVOR++) then takes its balance, shift and A from them in causal layers.
-    name = ftorch.register_transformers("favor_test_default")
+    name = ftrans.register_transformers("favor_test_default")
     favor, sdpa = _llama(name), _llama("sdpa")
     calib = {"input_ids": torch.randint(0, 64, (4, 16))}
-    stats = ftorch.transformers_statistics(sdpa, [calib])
+    stats = ftrans.transformers_statistics(sdpa, [calib])
     assert sorted(stats) == [0, 1]
     assert stats[0].query.shape == (1, 4, 8, 8)
-    calibrated = ftorch.register_transformers("favor_test_calibrated", statistics=stats)
+    calibrated = ftrans.register_transformers("favor_test_calibrated", statistics=stats)
     favor.set_attn_implementation(calibrated)
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
@@ -99,3 +99,8 @@ def test_calibrated_statistics_keep_a_causal_model_causal_and_close() -> None:
         exact = sdpa(input_ids=ids).logits
     assert 1e-6 < (logits - exact).norm() / exact.norm() < 0.05
     assert sdpa.config._attn_implementation == "sdpa"  # restored after the recording run
+
+
+def test_other_mask_patterns_are_refused() -> None:
+    with pytest.raises(ValueError, match="FAVOR attention honours causal or full attention"):
+        ftrans._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)

@@ -1,12 +1,14 @@
 """Flush-to-zero for the calling thread, around one product (x86-64 Linux).
 
 x86 computes denormal numbers 10-100x slower than normal ones, in OpenBLAS too: NumPy's
-causal chunk products of small features (keys of large norm) took 40 ms instead of 1 per
-block. With the MXCSR's flush-to-zero bit set, results below the smallest normal number
-become 0 at full speed instead. NumPy has no switch for it; glibc's ``fegetenv`` and
-``fesetenv`` set it for the calling thread, where the NumPy adapter's single-threaded BLAS
-runs. The underflow flag then says whether anything was flushed, so that the caller can
-recompute what the flush may have changed (see ``NumpyOps._chunks``).
+causal chunk products of small features (keys of large norm) then slow down by an order
+of magnitude. With the MXCSR's flush-to-zero bit set, results below the smallest normal
+number become 0 at full speed instead. NumPy has no switch for it; glibc's ``fegetenv``
+and ``fesetenv`` set it for the calling thread alone, and only inside the block (the mode
+and the flags are the caller's again when it is left, by an exception too). A product
+that BLAS splits over its own threads is flushed only in the calling thread's share. The
+underflow flag then says whether anything was flushed, so that the caller can recompute
+what the flush may have changed (``NumpySteps.rescore``).
 
 Elsewhere (another OS, another architecture, a C library whose ``fenv_t`` is laid out
 otherwise, found by a self-test on first use) :func:`flush_to_zero` changes nothing and
@@ -64,13 +66,14 @@ def _set(lib: Any, flush: Flush) -> Iterator[Flush]:
     env = ctypes.create_string_buffer(saved.raw, _FENV_SIZE)
     mxcsr = int.from_bytes(env.raw[_MXCSR : _MXCSR + 4], "little") | _FTZ
     ctypes.memmove(ctypes.addressof(env) + _MXCSR, mxcsr.to_bytes(4, "little"), 4)
-    lib.fesetenv(env)
-    lib.feclearexcept(_FE_UNDERFLOW)
-    try:
+    try:  # the mode is set inside: an interrupt anywhere from here on restores it
+        lib.fesetenv(env)
+        lib.feclearexcept(_FE_UNDERFLOW)
         yield flush
     finally:
-        flush.underflowed = bool(lib.fetestexcept(_FE_UNDERFLOW))
+        underflow = lib.fetestexcept(_FE_UNDERFLOW)
         lib.fesetenv(saved)  # the caller's mode and flags, as they were
+        flush.underflowed = bool(underflow)
 
 
 @functools.cache

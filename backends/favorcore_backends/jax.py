@@ -1,8 +1,8 @@
-"""JAX adapter: the tiled engine's steps, projections drawn from a ``jax.random`` key.
+"""JAX adapter: the engine's block settings, projections drawn from a ``jax.random`` key.
 
 The core runs on JAX arrays as it is, under ``jit``, ``vmap`` and ``grad``; importing this
-module (the core does it when it first meets JAX arrays) registers :class:`JaxOps`, so that
-the positive maps run block by block (:mod:`favorcore._tiled`). What only JAX
+module (the core does it when it first meets JAX arrays) registers the engine's block
+settings for JAX (:data:`STEPS`, the standard operations). What only JAX
 has is functional randomness: :func:`draw_projection` draws a projection from a key, so a
 redraw can happen inside traced code (a training step), and :func:`feature_matrix` turns
 it into the matrix a feature map expects (pass it as ``favor_attention(projection=...)``).
@@ -20,8 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from favorcore import FeatureMap, register_step
-from favorcore._tiled import TiledOps
+from favorcore import FeatureMap, Steps, register_steps
 from favorcore.projection import (
     NORM_KINDS,
     PROJECTION_KINDS,
@@ -29,33 +28,14 @@ from favorcore.projection import (
     simplex_directions,
 )
 
-__all__ = ["JaxOps", "draw_projection", "feature_matrix"]
+__all__ = ["STEPS", "draw_projection", "feature_matrix"]
 
 
-class JaxOps(TiledOps):
-    """Tiled-engine steps for JAX: the standard ones, every batch row in one block.
-
-    Blocks of the sequence keep the ``L x m`` features out of memory and every pass over
-    them in cache, as on the other backends (2.5x faster than the plain core path under
-    ``jit`` at L = 16384); holding all batch rows in one block keeps the traced program to
-    one copy of the block computation per block of the sequence.
-    """
-
-    vectorized = True
-    #: rows per block, measured under jit at L = 16384 (bidirectional / causal ms):
-    #: 512 -> 215 / 368, 1024 -> 208 / 362, 2048 -> 199 / 407, 4096 -> 241 / 606
-    block = 1024
-    #: at most this many blocks per sequence: the traced program (and its compile time,
-    #: 1.3 s bidirectional, 1.9 s causal at 16 blocks) grows with their number
-    max_blocks = 32
-    chunk = 128
-
-    def block_size(self, length: int, causal: bool) -> int:
-        """:attr:`block`, or larger for sequences of more than :attr:`max_blocks` blocks."""
-        return max(self.block, -(-length // self.max_blocks))
-
-
-register_step("jax.numpy", "tiled", JaxOps())
+#: the engine's settings under JAX: every batch row in one block (one copy of the block
+#: computation per block in the traced program), at most ``max_blocks`` blocks per
+#: sequence (the program and its compile time grow with their number)
+STEPS = Steps(block=1024, chunk=128, vectorized=True, max_blocks=32)
+register_steps("jax.numpy", STEPS)
 
 
 def _orthogonal_block(key: jax.Array, d: int, dtype: Any) -> jax.Array:

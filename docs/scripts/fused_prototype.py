@@ -39,10 +39,10 @@ from typing import Any
 
 import numba as nb
 import numpy as np
+from favorcore_backends.bench import _gemm_rate
 from threadpoolctl import threadpool_limits
 
 import favorcore as fc
-from favorcore.bench import _gemm_rate
 
 LOG2E = np.float32(1.4426950408889634)
 C1, C2 = np.float32(0.693359375), np.float32(-2.12194440e-4)

@@ -9,7 +9,7 @@ engine, no copies, no output written). NumPy runs them on one core, as each of i
 workers does, and the floor assumes perfect scaling to every core; PyTorch runs them with
 its intra-op threads. The result is the best rate FAVOR+ could reach built from these
 library calls, against the 4096^3 GEMM rate measured as the benchmark measures it
-(``favorcore.bench._gemm_rate``; kernels: medians of 9; the machine is noisy, so compare
+(``favorcore_backends.bench._gemm_rate``; kernels: medians of 9; the machine is noisy, so compare
 the ratios).
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 
 def _median(fn: Callable[[], object], repeats: int = 9) -> float:
-    from favorcore.bench import _times  # the benchmark's own timing loop
+    from favorcore_backends.bench import _times  # the benchmark's own timing loop
 
     fn()
     return statistics.median(_times(fn, repeats))
@@ -49,10 +49,9 @@ def main(length: int = 16384, heads: int = 8, d: int = 64, m: int = 256) -> None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rng = np.random.default_rng(0)
 
+    from favorcore_backends.bench import _gemm_rate  # the benchmark's own GEMM measurement
     from favorcore_backends.numpy import BLOCK
     from threadpoolctl import threadpool_limits
-
-    from favorcore.bench import _gemm_rate  # the benchmark's own GEMM measurement
 
     gemm = _gemm_rate("numpy") * 1e9
     rows = BLOCK

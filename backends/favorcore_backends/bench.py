@@ -7,7 +7,7 @@ thread count for everyone, and reports per case
 * the median time of ``repeats`` calls after one warm-up call;
 * the peak memory of one call: the subprocess's peak resident set during the call minus
   its resident set just before it (tracemalloc sees neither PyTorch nor JAX);
-* the effective rate ``8 L m d heads / time`` (DESIGN.md section 5) and that rate as a
+* the effective rate ``8 L m d heads / time`` (8 L m d per head) and that rate as a
   percentage of the backend's float32 GEMM rate (a 4096^3 matmul) measured in the case's
   own subprocess just before it (the machine's speed drifts during a run);
 
@@ -275,7 +275,7 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
 def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]:
     """Run one case in a fresh subprocess; returns its measurements."""
     spec = json.dumps({"method": method, "length": length, "causal": causal, **kw})
-    child = "import json,sys; from favorcore.bench import run_case; print(json.dumps(run_case(**json.loads(sys.argv[1]))))"
+    child = "import json,sys; from favorcore_backends.bench import run_case; print(json.dumps(run_case(**json.loads(sys.argv[1]))))"
     done = subprocess.run(
         [sys.executable, "-c", child, spec],
         capture_output=True,

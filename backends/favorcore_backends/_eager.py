@@ -1,0 +1,415 @@
+r"""The operations of the eager adapters (NumPy, PyTorch): in place, into reused buffers.
+
+Each operation of :class:`favorcore.steps.Steps` is done here whole, from the fields of
+the call's :class:`~favorcore.features.Exponent` (forms of other maps take the standard
+operations), with every product written into a buffer and every elementwise step in
+place, so that a block costs no allocation and one pass per step:
+
+* **keys**: ``[k', -half |k'|^2, 1] @ [key; 1; key_bias]``, one product (``k'`` the
+  balanced keys: one more product when balanced), then ``exp`` in place;
+* **queries**: ``[x, 1, -s(x)] @ [query; query_bias; 1]``, whose shift ``s(x)`` is an
+  upper bound of the row's exponents computed from its norm (any per-row shift is exact
+  for queries, and this one costs no pass over the block). Below a limit of the norm
+  (:func:`norm_limit`) the row's largest feature provably stays within ``exp(-GAP)`` of
+  1; rows beyond it take their exact row max;
+* **causal**: the chunks' sums prefix-summed by in-place adds from the carried state, the
+  scores of each chunk with the future set to 0 in place, the chunk products added into
+  the output;
+* features below the smallest normal number are set to 0 (x86 computes denormal numbers
+  10-100x slower, in ``exp`` and in every product they enter); the block is read for that
+  only when a lower bound from the rows' norms says they can occur.
+
+On a device other than the host (a GPU) nothing is read back: queries take their exact
+row max and no flush is needed. A framework differs from another in a few operations
+only, given by a :class:`Lib`. Buffers come from workspaces that :meth:`EagerSteps.map`
+lends the threads running a call's work items and takes back when they finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from favorcore.features import Exponent, Form
+from favorcore.steps import Steps
+
+__all__ = ["GAP", "EagerSteps", "Lib", "norm_limit"]
+
+#: query rows whose largest exponent may fall more than GAP below the bound take the
+#: exact row max (``exp(-GAP)`` is far above the smallest normal number of float32)
+GAP = 40.0
+
+
+@dataclass(frozen=True)
+class Lib:
+    """The operations in which the eager frameworks differ."""
+
+    #: the Array API namespace (array-api-compat's)
+    xp: ModuleType
+    #: the framework's own module: ``matmul``, ``exp``, ``multiply``, ``subtract``,
+    #: ``reciprocal`` and ``sqrt`` with ``out=``
+    native: ModuleType
+    #: ``out[:] = |y_i|^2`` for the rows of ``y``
+    sq_norms: Callable[[Any, Any], None]
+    #: ``a`` set to ``value`` where ``cond`` (broadcast), in place, without reading it back
+    fill_where: Callable[[Any, Any, float], None]
+    #: ``e = max(e, floor)`` in place
+    clamp_min: Callable[[Any, float], None]
+    #: the entries above the diagonal of each ``(c, c)`` matrix set to 0 in place
+    zero_future: Callable[[Any], None]
+    #: ``kf^T [v | 1]`` (a new array)
+    key_sums: Callable[[Any, Any], Any]
+    #: ``o += a @ b`` (``tmp``: a buffer of ``o``'s shape)
+    add_product: Callable[[Any, Any, Any, Any], None]
+    #: whether the array lives in host memory (its values can be read cheaply)
+    on_host: Callable[[Any], bool]
+
+
+@functools.lru_cache(maxsize=8)
+def _floor(dtype_name: str) -> float:
+    """The smallest exponent whose ``exp`` is a normal number (float32: about -87.3)."""
+    dt = np.dtype(dtype_name)
+    tiny = np.finfo(dt).smallest_normal
+    x = dt.type(np.log(tiny))
+    while np.exp(x) < tiny:
+        x = np.nextafter(x, dt.type(0))
+    return float(x)
+
+
+def _dtype_name(a: Any) -> str:
+    return str(a.dtype).removeprefix("torch.")
+
+
+def norm_limit(norms: np.ndarray, bias: np.ndarray) -> float:
+    """The query norm below which a row's largest exponent is provably within ``GAP`` of
+    its bound ``|x| R + max c + 1`` (``R`` the largest column norm ``n_j`` of the query
+    matrix, ``c`` its bias row).
+
+    Feature ``j``'s exponent is ``>= c_j - |x| n_j``, so the row max minus the bound is
+    ``>= c_j - |x| (n_j + R) - max c - 1`` for every ``j``: at least ``-GAP`` when
+    ``|x| <= (GAP - 1 - (max c - c_j)) / (n_j + R)`` for some ``j``.
+    """
+    radius = float(norms.max()) if norms.size else 0.0
+    if radius <= 0:  # every exponent is c_j: the row max is the bound minus 1
+        return math.inf
+    return float(((GAP - 1 - (bias.max() - bias)) / (norms + radius)).max())
+
+
+@dataclass(frozen=True)
+class _Keys:
+    matrix: Any  # [key; 1; key_bias], (d + 2, m)
+    radius: float  # the largest column norm of ``key``
+    low: float  # the smallest key bias
+
+
+@dataclass(frozen=True)
+class _Queries:
+    matrix: Any  # [query; query_bias; 1], (d + 2, m)
+    radius: float  # the largest column norm of ``query``
+    top: float  # the largest bias
+    spread: float  # the largest bias minus the smallest
+    limit: float  # rows of norm >= limit take the exact row max
+
+
+class _Workspaces:
+    """Buffers reused from block to block and call to call: one workspace (a dict of
+    arrays by role) per thread running work items, from a free list shared by calls."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep, self.lock = keep, threading.Lock()
+        self.free: list[dict[str, Any]] = []
+        self.local = threading.local()
+        if hasattr(os, "register_at_fork"):  # a lock held at fork would stay held
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self.lock, self.free = threading.Lock(), []
+
+    def current(self) -> dict[str, Any]:
+        ws: dict[str, Any] | None = getattr(self.local, "ws", None)
+        return {} if ws is None else ws  # outside map: fresh buffers
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with a workspace lent to this thread."""
+        with self.lock:
+            ws = self.free.pop() if self.free else {}
+        before, self.local.ws = getattr(self.local, "ws", None), ws
+        try:
+            return fn()
+        finally:
+            self.local.ws = before
+            with self.lock:
+                if len(self.free) < self.keep:
+                    self.free.append(ws)
+
+
+class EagerSteps(Steps):
+    """The engine's operations for an eager framework, in place and into buffers."""
+
+    def __init__(self, lib: Lib, *, block: int, chunk: int, workers: int = 1) -> None:
+        super().__init__(block=block, chunk=chunk, vectorized=False)
+        self.lib, self.max_workers = lib, workers
+        self._spaces = _Workspaces(keep=max(2, workers))
+
+    @property
+    def workers(self) -> int:  # type: ignore[override]
+        """Work items run concurrently by :meth:`map`."""
+        return self.max_workers
+
+    # -- buffers --------------------------------------------------------------------------
+
+    def buffer(self, role: str, rows: int, cols: int, like: Any) -> Any:
+        """This thread's ``(rows, cols)`` buffer for ``role`` in ``like``'s dtype and
+        device, contents undefined."""
+        cache = self._spaces.current()
+        buf = cache.get(role)
+        if (buf is None or buf.shape[1] != cols or buf.shape[0] < rows
+                or buf.dtype != like.dtype or buf.device != like.device):  # fmt: skip
+            xp = self.lib.xp
+            buf = xp.empty((max(rows, self.block), cols), dtype=like.dtype, device=like.device)
+            cache[role] = buf
+        return buf[:rows, ...]
+
+    def output(self, xp: ModuleType, shape: tuple[int, ...], like: Any) -> Any:
+        """An uninitialised array: every row is written by :meth:`answer` or :meth:`causal`."""
+        return self.lib.xp.empty(shape, dtype=like.dtype, device=like.device)
+
+    # -- constants of the form, once per call ---------------------------------------------
+
+    def _key_constants(self, form: Exponent) -> _Keys:
+        if "keys" not in form.memo:
+            xp, key, bias = self.lib.xp, form.key, form.key_bias
+            ones = xp.ones((1, key.shape[-1]), dtype=key.dtype, device=key.device)
+            radius, low = math.inf, 0.0
+            if self.lib.on_host(key) and key.shape[-1]:
+                radius = float(xp.sqrt(xp.max(xp.sum(key * key, axis=0))))
+                low = float(xp.min(bias))
+            form.memo["keys"] = _Keys(xp.concat([key, ones, bias], axis=0), radius, low)
+        keys: _Keys = form.memo["keys"]
+        return keys
+
+    def _query_constants(self, form: Exponent) -> _Queries:
+        if "queries" not in form.memo:
+            xp, query, bias = self.lib.xp, form.query, form.query_bias
+            ones = xp.ones((1, query.shape[-1]), dtype=query.dtype, device=query.device)
+            matrix = xp.concat([query, bias, ones], axis=0)
+            if self.lib.on_host(query) and query.shape[-1]:
+                norms = np.sqrt(np.asarray(_host(xp.sum(query * query, axis=0)), np.float64))
+                c = np.asarray(_host(bias[0, :]), np.float64)
+                form.memo["queries"] = _Queries(matrix, float(norms.max()), float(c.max()),
+                                                float(c.max() - c.min()), norm_limit(norms, c))  # fmt: skip
+            else:  # every row takes its exact max
+                form.memo["queries"] = _Queries(matrix, math.inf, 0.0, 0.0, -math.inf)
+        queries: _Queries = form.memo["queries"]
+        return queries
+
+    # -- the operations -------------------------------------------------------------------
+
+    def _exp(self, e: Any, lower: float) -> Any:
+        """``exp(e)`` in place, features below the smallest normal number set to 0 (NaN
+        stays); ``lower`` bounds ``e`` from below, so that ``e`` is read only when it can
+        go under the floor."""
+        native, xp = self.lib.native, self.lib.xp
+        floor = _floor(_dtype_name(e))
+        if (lower >= floor or not self.lib.on_host(e) or e.shape[0] * e.shape[1] == 0
+                or float(xp.min(e)) >= floor):  # fmt: skip
+            return native.exp(e, out=e)
+        keep = e >= floor
+        self.lib.clamp_min(e, floor)
+        native.exp(e, out=e)
+        return native.multiply(e, keep, out=e)
+
+    def keys(self, xp: ModuleType, form: Form, y: Any, v: Any, keep: Any) -> tuple[Any, Any]:
+        """Keys' features in this thread's buffer, and ``v`` itself unless masked."""
+        if not isinstance(form, Exponent):
+            return super().keys(xp, form, y, v, keep)
+        lib, consts = self.lib, self._key_constants(form)
+        rows, d = y.shape
+        if form.transform is not None:
+            y = lib.native.matmul(y, form.transform, out=self.buffer("kt", rows, d, y))
+            lib.native.subtract(y, form.shift, out=y)
+        aug = self.buffer("k_in", rows, d + 2, y)
+        aug[:, :d] = y
+        lib.sq_norms(y, aug[:, d])
+        big = float(xp.max(aug[:, d])) if rows and math.isfinite(consts.radius) else math.inf
+        aug[:, d] *= -form.half
+        aug[:, d + 1] = 1.0
+        kf = lib.native.matmul(
+            aug, consts.matrix, out=self.buffer("k", rows, consts.matrix.shape[1], y)
+        )
+        # every exponent is >= low - |k'| R - half |k'|^2
+        self._exp(kf, consts.low - math.sqrt(big) * consts.radius - form.half * big)
+        if keep is None:
+            return kf, v
+        drop = ~keep
+        lib.fill_where(kf, drop, 0.0)  # garbage (even NaN) in masked rows is overwritten
+        vb = self.buffer("v", rows, v.shape[1], v)
+        vb[...] = v
+        lib.fill_where(vb, drop, 0.0)
+        return kf, vb
+
+    def key_sums(self, xp: ModuleType, kf: Any, v: Any) -> Any:
+        return self.lib.key_sums(kf, v)
+
+    def _queries(self, form: Exponent, x: Any) -> Any:
+        """Queries' features in this thread's buffer: the bound shift, or the exact row
+        max for rows beyond the norm limit (every row of the block once they are more
+        than an eighth of it: gathering them costs more)."""
+        lib, xp, consts = self.lib, self.lib.xp, self._query_constants(form)
+        rows, d = x.shape
+        aug = self.buffer("q_in", rows, d + 2, x)
+        aug[:, :d] = x
+        aug[:, d] = 1.0
+        norm = aug[:, d + 1]
+        far: Any = None
+        lower = -math.inf
+        if math.isfinite(consts.radius):
+            lib.sq_norms(x, norm)
+            lib.native.sqrt(norm, out=norm)
+            far = xp.nonzero(norm >= consts.limit)[0]
+            if rows:  # every shifted exponent is >= -(2 |x| R + the bias's spread + 1)
+                lower = -(2 * float(xp.max(norm)) * consts.radius + consts.spread + 1.0)
+            norm *= -consts.radius
+            norm -= consts.top + 1.0
+        else:
+            norm[...] = 0.0
+        e = lib.native.matmul(
+            aug, consts.matrix, out=self.buffer("q", rows, consts.matrix.shape[1], x)
+        )
+        n_far = rows if far is None else far.shape[0]
+        if n_far * 8 > rows:
+            lib.native.subtract(e, xp.max(e, axis=1, keepdims=True), out=e)
+        elif n_far:
+            e[far] -= xp.max(e[far], axis=1, keepdims=True)
+        return self._exp(e, lower)
+
+    def _divide(self, num: Any, den: Any, out: Any) -> Any:
+        """``out = num / den`` per row (0 where ``den`` is at most the smallest normal
+        number, NaN stays NaN); returns those rows' mask ``(rows, 1)``."""
+        lib = self.lib
+        small = den <= float(lib.xp.finfo(den.dtype).smallest_normal)
+        lib.fill_where(den, small, 1.0)
+        lib.native.reciprocal(den, out=den)
+        lib.fill_where(den, small, 0.0)
+        lib.native.multiply(num, den[:, None], out=out)
+        return small[:, None]
+
+    def answer(self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any) -> tuple[Any, Any]:
+        """``phi(Q_b) kv[:, :dv]`` straight into ``out``, scaled in place by the
+        reciprocal of ``phi(Q_b) kv[:, dv]``."""
+        if not isinstance(form, Exponent):
+            result, small = super().answer(xp, form, x, kv, out)
+            out[...] = result
+            return out, small
+        native, qf, dv = self.lib.native, self._queries(form, x), kv.shape[1] - 1
+        native.matmul(qf, kv[:, :dv], out=out)
+        return out, self._divide(out, native.matmul(qf, kv[:, dv]), out)
+
+    def causal(
+        self, xp: ModuleType, form: Form, x: Any, kf: Any, v: Any, kv0: Any, chunk: int,
+        out: Any,
+    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        """Chunk by chunk into this thread's buffers (see the module docstring)."""
+        if not isinstance(form, Exponent):
+            result, small, kv = super().causal(xp, form, x, kf, v, kv0, chunk, out)
+            out[...] = result
+            return out, small, kv
+        lib, native, qf = self.lib, self.lib.native, self._queries(form, x)
+        (rows, m), dv = qf.shape, v.shape[1]
+        n, e = rows // chunk, dv + 1
+        v1 = self.buffer("v1", rows, e, v)
+        v1[:, :dv] = v
+        v1[:, dv] = 1.0
+        qc, kc = qf.reshape(n, chunk, m), kf.reshape(n, chunk, m)
+        vc = v1.reshape(n, chunk, e)
+        pre = self.buffer("prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
+        native.matmul(xp.matrix_transpose(kc), vc, out=pre[1:])
+        if kv0 is None:
+            pre[0] = 0.0
+        else:
+            pre[0] = kv0
+        steps = list(pre)  # (views made once, not 2 n indexings)
+        for i in range(n):
+            steps[i + 1] += steps[i]
+        scores = self.buffer("scores", rows, chunk, qf).reshape(n, chunk, chunk)
+        underflowed = self.scores(qc, kc, scores)
+        lib.zero_future(scores)
+        o = self.buffer("o", rows, e, qf)
+        oc = o.reshape(n, chunk, e)
+        native.matmul(qc, pre[:n], out=oc)
+        lib.add_product(oc, scores, vc, self.buffer("intra", rows, e, qf).reshape(n, chunk, e))
+        if underflowed:
+            self.rescore(qc, kc, vc, pre, oc)
+        kv = xp.asarray(pre[n], copy=True)
+        return out, self._divide(o[:, :dv], o[:, dv], out), kv
+
+    def scores(self, qc: Any, kc: Any, out: Any) -> bool:
+        """The chunks' scores ``qc kc^T`` into ``out``; whether any result was flushed to
+        zero (then :meth:`rescore` runs)."""
+        self.lib.native.matmul(qc, self.lib.xp.matrix_transpose(kc), out=out)
+        return False
+
+    def rescore(self, qc: Any, kc: Any, vc: Any, pre: Any, oc: Any) -> None:
+        """Recompute the rows that a flush in :meth:`scores` may have changed."""
+
+    # -- work items -----------------------------------------------------------------------
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """The items on :attr:`workers` threads: the caller's and threads started for
+        this call and joined before it returns, each with a workspace of buffers."""
+        n = min(self.workers, len(items))
+        if n <= 1:
+            return self._spaces.run(lambda: [fn(i) for i in items])  # type: ignore[no-any-return]
+        results: list[Any] = [None] * len(items)
+        failures: list[BaseException] = []
+        counter, stop = itertools.count(), threading.Event()
+
+        def work() -> None:
+            try:
+                while not stop.is_set() and (i := next(counter)) < len(items):
+                    results[i] = fn(items[i])
+            except BaseException as exc:  # noqa: BLE001 (re-raised in the caller)
+                failures.append(exc)
+                stop.set()
+
+        threads = [
+            threading.Thread(target=self._spaces.run, args=(work,), name="favorcore", daemon=True)
+            for _ in range(n - 1)
+        ]
+        try:
+            for t in threads:
+                t.start()
+            self._spaces.run(work)
+        finally:
+            _join(threads, stop)
+        if failures:  # an interrupt first, then the first error
+            raise min(failures, key=lambda e: isinstance(e, Exception))
+        return results
+
+
+def _join(threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Join every started thread, even through an interrupt (re-raised after)."""
+    interrupted: BaseException | None = None
+    for t in threads:
+        while t.ident is not None and t.is_alive():
+            try:
+                t.join()
+            except BaseException as exc:  # noqa: BLE001, PERF203 (an interrupt: stop, still join)
+                stop.set()
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _host(a: Any) -> Any:
+    """A host (NumPy) view or copy of a small array of either framework."""
+    return a if isinstance(a, np.ndarray) else a.detach().cpu().numpy()

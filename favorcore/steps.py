@@ -1,0 +1,302 @@
+r"""The engine's contract: the whole operations a backend may do faster.
+
+:func:`favorcore.favor_attention` checks its arguments, resolves its configuration,
+computes the statistics it needs and asks the feature map for its
+:class:`~favorcore.features.Form` of the call. The schedule then cuts the rows into
+blocks and work items and runs on them the five operations of a :class:`Steps`:
+
+1. :meth:`Steps.keys`: the features of a block of keys, masked rows zero;
+2. :meth:`Steps.key_sums`: their sums ``phi(K_b)^T [V_b | 1]``;
+3. :meth:`Steps.answer`: a block of queries answered from the sums of every key, normalised;
+4. :meth:`Steps.causal`: a causal block, its queries against the state before it and its
+   own keys, normalised, and the state after it;
+5. :meth:`Steps.map`: the work items, in order or concurrently.
+
+The methods of :class:`Steps` use only the standard; they run for every namespace whose
+adapter registers nothing (array-api-strict, CuPy, JAX with its own block settings). An
+adapter subclasses :class:`Steps`, overrides an operation *whole* (the same result,
+computed faster: in place, into buffers, on several cores) from the form's fields, and
+registers an instance for its namespace with :func:`register_steps`. The core finds it the
+first time it meets that namespace, by importing the adapter module named for it (the
+framework is already imported, since the caller's arrays belong to it).
+
+Examples
+--------
+A backend that counts its blocks of keys:
+
+>>> import numpy as np
+>>> import favorcore as fc
+>>> from favorcore.steps import Steps, register_steps, steps_for
+>>> class Counting(Steps):
+...     blocks = 0
+...     def keys(self, xp, form, y, v, keep):
+...         self.blocks += 1
+...         return super().keys(xp, form, y, v, keep)
+>>> q = np.ones((2, 1000, 8)) / 4
+>>> before = steps_for(fc.steps.namespace_of(q))
+>>> counting = Counting(block=256, vectorized=False)
+>>> register_steps("array_api_compat.numpy", counting)
+>>> _ = fc.favor_attention(q, q, q, features=fc.PositiveFeatures(m=16, seed=0))
+>>> counting.blocks  # 4 blocks of keys in each of 2 batch rows
+8
+>>> register_steps("array_api_compat.numpy", before)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Any
+
+from ._compat import Array, device, namespace, stop_gradient
+from .features import Form
+
+__all__ = [
+    "Steps",
+    "causal_sums",
+    "fast_paths",
+    "namespace_of",
+    "normalise",
+    "register_steps",
+    "steps_for",
+    "with_ones",
+]
+
+
+def with_ones(xp: ModuleType, v: Array) -> Array:
+    """``[v | 1]``: the normaliser comes out of the same products as the numerator."""
+    return xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))], axis=-1)
+
+
+def normalise(xp: ModuleType, o: Array, kv: Array) -> tuple[Array, Array]:
+    """``(o[..., :dv] / o[..., dv:], small)`` for ``o = phi(Q) [S | z]``, ``kv = [S | z]``.
+
+    ``small`` ``(..., rows, 1)`` marks the rows whose normaliser ``D`` is at most the
+    smallest normal number of the dtype (no valid key, every feature product underflowed,
+    or a trigonometric estimate <= 0): their result is 0. NaN (from NaN inputs with
+    ``check_finite=False``) stays NaN.
+
+    Under autodiff the division is ``(num / c) / (D / c)`` with ``c = D`` held constant:
+    the same value and gradient, but the backward pass never forms ``D**2`` (which
+    underflows to 0 and turns gradients into inf/NaN when ``D`` is small); where ``D`` is
+    so small that a gradient would overflow (``D <= sqrt(smallest normal)`` or
+    ``D <= max|kv| 1e4 / max float``) the row keeps its value but passes no gradient.
+    """
+    dv = kv.shape[-1] - 1
+    num, den = o[..., :dv], o[..., dv:]
+    info = xp.finfo(den.dtype)
+    ok = den > float(info.smallest_normal)
+    safe = xp.where(ok, den, 1.0)  # no 0/0 even in the branch where() discards
+    c = stop_gradient(xp, safe)
+    value = (num / c) / (safe / c)
+    bound = stop_gradient(xp, xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True))
+    grad_ok = (den > math.sqrt(float(info.smallest_normal))) & (
+        den > bound * (1e4 / float(info.max))
+    )
+    value = xp.where(grad_ok, value, stop_gradient(xp, value))
+    return xp.where(ok | xp.isnan(den), value, 0.0), ~(ok | xp.isnan(den))
+
+
+def causal_sums(
+    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
+) -> tuple[Array, Array]:
+    """Unnormalised causal linear attention over ``n`` chunks of ``c`` rows: ``(o, kv)``.
+
+    Per chunk ``i``: ``o_i = phi(Q_i) S_<i + tril(phi(Q_i) phi(K_i)^T) [V_i | 1]``, where
+    ``S_<i`` is ``kv0`` plus the sums ``phi(K_j)^T [V_j | 1]`` of the chunks before it (one
+    exclusive ``cumulative_sum``); ``kv`` is the state after the last chunk. ``v1`` is
+    ``[V | 1]``; the rows are ``n c`` exactly.
+    """
+    batch, rows, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
+    n, e = rows // c, v1.shape[-1]
+    qc = xp.reshape(qf, (*batch, n, c, m))
+    kc = xp.reshape(kf, (*batch, n, c, m))
+    vc = xp.reshape(v1, (*batch, n, c, e))
+    sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
+    prefix, total = sums[..., :n, :, :], sums[..., n, :, :]
+    if kv0 is not None:
+        prefix, total = prefix + kv0[..., None, :, :], total + kv0
+    pos = xp.arange(c, device=device(qf))
+    scores = xp.where(pos[:, None] >= pos[None, :], qc @ xp.matrix_transpose(kc), 0.0)
+    o = qc @ prefix + scores @ vc
+    return xp.reshape(o, (*batch, rows, e)), total
+
+
+class Steps:
+    """The operations of the engine; these defaults use only the standard.
+
+    Blocks are ``(rows, d)`` arrays of one batch row (``vectorized=False``, what eager
+    adapters' operations take) or ``(n_rows, rows, d)`` arrays of every batch row at once
+    (the default: one copy of the block computation per block, e.g. in a traced JAX
+    program). A form given to an operation is the call's form (vectorized) or its batch
+    row's (:meth:`~favorcore.features.Form.select`).
+
+    Parameters
+    ----------
+    block : int
+        Rows per block (:meth:`block_size`).
+    chunk : int
+        Chunk length of causal attention when the caller gives none.
+    vectorized : bool
+        Blocks hold every batch row at once.
+    max_blocks : int or None
+        At most this many blocks per sequence (longer blocks instead).
+    """
+
+    #: work items run concurrently by :meth:`map` (the schedule splits long sequences
+    #: into this many segments when there are fewer batch rows)
+    workers: int = 1
+
+    def __init__(
+        self,
+        *,
+        block: int = 4096,
+        chunk: int = 128,
+        vectorized: bool = True,
+        max_blocks: int | None = None,
+    ) -> None:
+        self.block, self.chunk, self.vectorized, self.max_blocks = (
+            block, chunk, vectorized, max_blocks,
+        )  # fmt: skip
+
+    def block_size(self, length: int, causal: bool) -> int:
+        """Rows per block for a sequence of ``length`` rows."""
+        if self.max_blocks is None:
+            return self.block
+        return max(self.block, -(-length // self.max_blocks))
+
+    def blocks(self, x: Array, lo: int, hi: int, chunk: int | None) -> list[tuple[int, int]]:
+        """The blocks ``[(start, end), ...]`` of rows ``lo:hi`` of ``x`` (``(..., L, d)``):
+        of :meth:`block_size` rows, a multiple of ``chunk`` in causal calls."""
+        size = max(1, self.block_size(x.shape[-2], chunk is not None))
+        if chunk is not None:
+            size = -(-size // chunk) * chunk
+        return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
+
+    def fits(self, *arrays: Array) -> bool:
+        """Whether these operations can run a call whose result depends on ``arrays``
+        (when not, the schedule runs the standard ones with the same blocks)."""
+        return True
+
+    def output(self, xp: ModuleType, shape: tuple[int, ...], like: Array) -> Array | None:
+        """An array (``like``'s dtype and device) that :meth:`answer` and :meth:`causal`
+        fill through their ``out``, or None: their results are joined."""
+        return None
+
+    # -- the operations -------------------------------------------------------------------
+
+    def keys(
+        self, xp: ModuleType, form: Form, y: Array, v: Array, keep: Array | None
+    ) -> tuple[Array, Array]:
+        """``(phi(K_b), V_b)`` of a block of keys ``y`` and values ``v``; the rows where
+        ``keep`` (``(..., rows, 1)`` boolean, or None) is False are zero in both, whatever
+        they held (NaN included). The arrays may be buffers the next call reuses."""
+        if keep is not None:
+            y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
+        kf = form.keys(xp, y)
+        return (kf if keep is None else xp.where(keep, kf, 0.0)), v
+
+    def key_sums(self, xp: ModuleType, kf: Array, v: Array) -> Array:
+        """``phi(K_b)^T [V_b | 1]``, ``(..., m, dv + 1)`` (a new array)."""
+        return xp.matrix_transpose(kf) @ with_ones(xp, v)
+
+    def answer(
+        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array | None
+    ) -> tuple[Array, Array]:
+        """The queries ``x`` of a block answered from the key sums ``kv``:
+        ``(result, small)`` as :func:`normalise` (``result`` is ``out`` when given)."""
+        return normalise(xp, form.queries(xp, x) @ kv, kv)
+
+    def causal(
+        self, xp: ModuleType, form: Form, x: Array, kf: Array, v: Array, kv0: Array | None,
+        chunk: int, out: Array | None,
+    ) -> tuple[Array, Array, Array]:  # fmt: skip
+        """A causal block of ``n`` chunks of ``chunk`` rows (queries ``x``, key features
+        ``kf`` and values ``v`` from :meth:`keys`) after the state ``kv0`` (None: none):
+        ``(result, small, kv)`` with ``kv`` the state after the block (a new array)."""
+        o, kv = causal_sums(xp, form.queries(xp, x), kf, with_ones(xp, v), kv0, chunk)
+        result, small = normalise(xp, o, kv)
+        return result, small, kv
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(i) for i in items]``, possibly concurrently."""
+        return [fn(i) for i in items]
+
+
+# -- registration ---------------------------------------------------------------------------
+
+#: namespace name (as array-api-compat names it) -> adapter module that registers steps
+_ADAPTERS = {
+    "array_api_compat.numpy": "favorcore_backends.numpy",
+    "numpy": "favorcore_backends.numpy",
+    "array_api_compat.torch": "favorcore_backends._torch_steps",
+    "jax.numpy": "favorcore_backends.jax",
+    "array_api_compat.dask.array": "favorcore_backends.dask",
+}
+
+_STANDARD = Steps()
+_REGISTERED: dict[str, Steps] = {}
+_MET: set[str] = set()
+_LOCK = threading.Lock()
+_STATE = threading.local()
+
+
+def register_steps(namespace_name: str, steps: Steps) -> None:
+    """Use ``steps`` for arrays of the namespace ``namespace_name`` (``xp.__name__`` of
+    array-api-compat's namespace, e.g. ``"array_api_compat.numpy"``)."""
+    if not isinstance(steps, Steps):
+        raise TypeError(f"steps must be a favorcore.steps.Steps, got {type(steps).__name__}")
+    _REGISTERED[namespace_name] = steps
+
+
+def namespace_of(*arrays: Array) -> ModuleType:
+    """The Array API namespace of ``arrays`` (as the engine sees it)."""
+    return namespace(**{f"array{i}": a for i, a in enumerate(arrays)})
+
+
+def steps_for(xp: ModuleType) -> Steps:
+    """The steps registered for ``xp`` (its adapter imported on first use), else the
+    standard ones; the standard ones inside :func:`fast_paths` ``(False)``."""
+    if not getattr(_STATE, "enabled", True):
+        return _STANDARD
+    name = xp.__name__
+    if name not in _MET:
+        with _LOCK:
+            if name not in _MET:
+                module = _ADAPTERS.get(name)
+                if module is not None:
+                    with contextlib.suppress(ImportError):
+                        importlib.import_module(module)
+                _MET.add(name)
+    return _REGISTERED.get(name, _STANDARD)
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool) -> Iterator[None]:
+    """Use the adapters' registered steps (the default) or, with ``False``, the standard
+    ones, in this thread (tests, benchmarks).
+
+    >>> import favorcore
+    >>> with favorcore.fast_paths(False):
+    ...     pass  # favorcore.favor_attention runs the standard steps here
+    """
+    before = getattr(_STATE, "enabled", True)
+    _STATE.enabled = enabled
+    try:
+        yield
+    finally:
+        _STATE.enabled = before
+
+
+def _after_fork_in_child() -> None:  # a lock held by a parent's thread at fork stays held
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
