@@ -36,7 +36,7 @@ from ._checks import (
     check_shape,
 )
 from ._compat import Array, compute_dtype, device, is_eager, namespace
-from ._schedule import run
+from ._schedule import Call, backward, flatten, forward
 from .balance import BALANCE_KINDS, Balance, BalanceKind, balance_statistics
 from .features import AccuracyWarning, FeatureMap, Form, OptimalPositiveFeatures
 from .steps import steps_for
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_FEATURES",
     "AttentionState",
     "favor_attention",
+    "favor_attention_vjp",
     "linear_attention",
     "resolve",
     "softmax_attention",
@@ -285,15 +286,158 @@ def linear_attention(
         _finite(xp, mask, qf=qf, kf=kf, v=v)
     steps = steps_for(xp)
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (qf, kf, v))
-    out, kv, _ = run(
+    call = flatten(
         xp, steps, _Given(), x, y, vc, mask=mask, kv0=kv0, causal=causal,
         chunk=steps.chunk if chunk is None else chunk, batch=batch, m=qf.shape[-1],
     )  # fmt: skip
-    out = xp.astype(out, v.dtype, copy=False)
+    out, kv, _ = steps.run(call)
+    out = xp.astype(xp.reshape(out, (*batch, qf.shape[-2], v.shape[-1])), v.dtype, copy=False)
+    kv = xp.reshape(kv, (*batch, *kv.shape[-2:]))
     return (out, AttentionState(kv)) if return_state else out
 
 
 _finite = check_finite  # (the name is taken by favor_attention's argument)
+
+
+def _plan(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    features: FeatureMap | None,
+    causal: bool,
+    key_mask: Array | None,
+    scale: float | None,
+    chunk_size: int | None,
+    state: AttentionState | None,
+    return_state: bool,
+    projection: Array | None,
+    check_finite: bool,
+    balance: bool | BalanceKind | Balance | None,
+    query_mask: Array | None,
+) -> tuple[Call, FeatureMap]:
+    """A call of :func:`favor_attention` checked, resolved and flattened for the engine."""
+    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
+                   projection=projection)  # fmt: skip
+    check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
+                  projection=projection)  # fmt: skip
+    batch = check_qkv(xp, q, k, v, ("q", "k", "v"))
+    d, dv = q.shape[-1], v.shape[-1]
+    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    mask = check_mask(xp, key_mask, batch, k.shape[-2], "key_mask")
+    check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
+    chunk = check_chunk(chunk_size)
+    root = math.sqrt(check_scale(scale, d))
+    fmap, stats = resolve(
+        features, causal=causal, balance=balance, state=state, return_state=return_state
+    )
+    if isinstance(stats, Balance):
+        _check_balance(stats, batch, d, q)
+    _check_projection(fmap, projection, d)
+    dtype = compute_dtype(xp, q.dtype)
+    kv0 = _check_state(xp, state, (*batch, fmap.num_features(d), dv + 1), dtype, q)
+    if check_finite:  # the first pass over the data
+        _finite(xp, mask, q=q, k=k, v=v)
+    if isinstance(stats, str):
+        stats = balance_statistics(
+            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
+        )
+    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
+    w = fmap.projection_like(x) if projection is None else xp.astype(projection, dtype, copy=False)
+    form = fmap.form(xp, x, y, w, root=root, balance=stats, key_mask=key_mask,
+                     query_mask=query_mask)  # fmt: skip
+    steps = steps_for(xp)
+    call = flatten(
+        xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal,
+        chunk=steps.chunk if chunk is None else chunk, batch=batch, m=fmap.num_features(d),
+    )  # fmt: skip
+    return call, fmap
+
+
+def _unbroadcast(xp: ModuleType, grad: Array, shape: tuple[int, ...]) -> Array:
+    """``grad`` (the broadcast shape) summed down to ``shape``, as a broadcast's backward."""
+    lead = grad.ndim - len(shape)
+    if lead:
+        grad = xp.sum(grad, axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return xp.sum(grad, axis=axes, keepdims=True) if axes else grad
+
+
+def favor_attention_vjp(
+    q: Array,
+    k: Array,
+    v: Array,
+    grad: Array,
+    *,
+    grad_state: AttentionState | None = None,
+    features: FeatureMap | None = None,
+    causal: bool = False,
+    key_mask: Array | None = None,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+    state: AttentionState | None = None,
+    projection: Array | None = None,
+    check_finite: bool = True,
+    balance: bool | BalanceKind | Balance | None = None,
+    query_mask: Array | None = None,
+) -> tuple[Array, Array, Array, AttentionState | None]:
+    r"""The vector-Jacobian product of :func:`favor_attention`: its gradients, block by block.
+
+    Given the cotangent ``grad`` of the output (and ``grad_state``, the cotangent of the
+    returned state, when the call returns one), returns ``(dq, dk, dv, dstate)``:
+    the cotangents of ``q``, ``k``, ``v`` and of ``state`` (None without one). The other
+    arguments are :func:`favor_attention`'s. Statistics the call uses (the balance, the
+    key shift, FAVOR++'s ``A``, the queries' row max) and the projection are constants,
+    as under autodiff of :func:`favor_attention`.
+
+    With ``g^_i = [g_i ; -(g_i . o_i)] / D_i`` and ``[S | z]`` the key sums: bidirectional,
+    ``dphi(q_i) = [S | z] g^_i``, the sums' cotangent is ``sum_i phi(q_i) g^_i^T`` (plus
+    ``grad_state``), and each key's and value's follow from it; causal, the same with the
+    chunks' prefixes in the forward terms and suffixes in the backward ones, as a reverse
+    chunked scan. The features are recomputed block by block, never held whole. Only the
+    positive maps (their features are ``exp`` of affine maps of the rows) have the
+    formulas; other maps raise ``NotImplementedError`` (differentiate them with your
+    framework's autodiff).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from favorcore import PositiveFeatures, favor_attention, favor_attention_vjp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, g = (rng.standard_normal((40, 8)) / 2 for _ in range(4))
+    >>> fm = PositiveFeatures(m=16, seed=0)
+    >>> dq, dk, dv, _ = favor_attention_vjp(q, k, v, g, features=fm, causal=True)
+    >>> e = np.zeros_like(q)
+    >>> e[3, 1] = 1e-6  # a finite difference in one entry of q
+    >>> loss = lambda q: float((favor_attention(q, k, v, features=fm, causal=True) * g).sum())
+    >>> bool(abs((loss(q + e) - loss(q - e)) / 2e-6 - dq[3, 1]) < 1e-7)
+    True
+    """
+    call, _ = _plan(
+        q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
+        chunk_size=chunk_size, state=state, return_state=grad_state is not None,
+        projection=projection, check_finite=check_finite, balance=balance,
+        query_mask=query_mask,
+    )  # fmt: skip
+    xp, batch = call.xp, call.batch
+    n_rows, lq, dv = math.prod(batch), q.shape[-2], v.shape[-1]
+    check_shape("grad", grad, (lq, dv), batch, q)
+    g = xp.reshape(xp.broadcast_to(xp.astype(grad, call.x.dtype, copy=False), (*batch, lq, dv)),
+                   (n_rows, lq, dv))  # fmt: skip
+    dkv = None
+    if grad_state is not None:
+        expected = (*batch, call.m, dv + 1)
+        dkv_in = _check_state(xp, grad_state, expected, call.x.dtype, q)
+        dkv = xp.reshape(dkv_in, (n_rows, call.m, dv + 1))
+    out, kv, _, states = forward(call)
+    dx, dy, dvv, dkv0 = backward(call, out, kv, states, g, dkv)
+
+    def back(a: Array, like: Array) -> Array:
+        a = xp.reshape(a, (*batch, *a.shape[-2:]))
+        return xp.astype(_unbroadcast(xp, a, tuple(like.shape)), like.dtype, copy=False)
+
+    dstate = None if dkv0 is None or state is None else AttentionState(back(dkv0, state.kv))
+    return back(dx, q), back(dy, k), back(dvv, v), dstate
 
 
 def favor_attention(
@@ -420,43 +564,19 @@ def favor_attention(
     >>> bool(np.allclose(np.concatenate([a, b], axis=1), full))
     True
     """
-    xp = namespace(q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
-                   projection=projection)  # fmt: skip
-    check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
-                  projection=projection)  # fmt: skip
-    batch = check_qkv(xp, q, k, v, ("q", "k", "v"))
-    d, dv = q.shape[-1], v.shape[-1]
-    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
-    mask = check_mask(xp, key_mask, batch, k.shape[-2], "key_mask")
-    check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
-    chunk = check_chunk(chunk_size)
-    root = math.sqrt(check_scale(scale, d))
-    fmap, stats = resolve(
-        features, causal=causal, balance=balance, state=state, return_state=return_state
-    )
-    if isinstance(stats, Balance):
-        _check_balance(stats, batch, d, q)
-    _check_projection(fmap, projection, d)
-    dtype = compute_dtype(xp, q.dtype)
-    kv0 = _check_state(xp, state, (*batch, fmap.num_features(d), dv + 1), dtype, q)
-    if check_finite:  # the first pass over the data
-        _finite(xp, mask, q=q, k=k, v=v)
-    if isinstance(stats, str):
-        stats = balance_statistics(
-            q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
-        )
-    x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
-    w = fmap.projection_like(x) if projection is None else xp.astype(projection, dtype, copy=False)
-    form = fmap.form(xp, x, y, w, root=root, balance=stats, key_mask=key_mask,
-                     query_mask=query_mask)  # fmt: skip
-    steps = steps_for(xp)
-    out, kv, small = run(
-        xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal,
-        chunk=steps.chunk if chunk is None else chunk, batch=batch, m=fmap.num_features(d),
+    call, fmap = _plan(
+        q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
+        chunk_size=chunk_size, state=state, return_state=return_state, projection=projection,
+        check_finite=check_finite, balance=balance, query_mask=query_mask,
     )  # fmt: skip
+    xp, batch = call.xp, call.batch
+    out, kv, small = call.steps.run(call)
+    small = xp.reshape(small, (*batch, q.shape[-2], 1))
     if check_finite and is_eager(small):
+        mask = None if call.mask is None else xp.reshape(call.mask, (*batch, k.shape[-2], 1))
         _warn_small_normaliser(xp, small, mask, causal, fmap)
-    out = xp.astype(out, q.dtype, copy=False)
+    out = xp.astype(xp.reshape(out, (*batch, q.shape[-2], v.shape[-1])), q.dtype, copy=False)
+    kv = xp.reshape(kv, (*batch, *kv.shape[-2:]))
     return (out, AttentionState(kv)) if return_state else out
 
 

@@ -114,6 +114,15 @@ class Form:
         """Stabilised features of key rows ``y`` (``(..., rows, d)``)."""
         raise NotImplementedError
 
+    def query_grad(self, xp: ModuleType, x: Array, de: Array) -> Array:
+        """The cotangent of query rows ``x`` given ``de = dphi * phi`` of their features
+        (only forms whose features are ``exp`` of the rows' exponents have one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient formula")
+
+    def key_grad(self, xp: ModuleType, y: Array, de: Array) -> Array:
+        """The cotangent of key rows ``y`` given ``de = dphi * phi`` of their features."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient formula")
+
     def flatten(self, batch: tuple[int, ...]) -> Form:
         """The form with its batch dimensions flattened to one (``n_rows``)."""
         raise NotImplementedError
@@ -177,6 +186,18 @@ class Exponent(Form):
         y = self.balanced_keys(xp, y)
         half_sq = xp.sum(y * y, axis=-1, keepdims=True) * self.half
         return xp.exp(y @ self.key + (self.key_bias - half_sq))
+
+    def query_grad(self, xp: ModuleType, x: Array, de: Array) -> Array:
+        """``de @ query^T``: the row max (a gradient constant) contributes nothing."""
+        return de @ xp.matrix_transpose(self.query)
+
+    def key_grad(self, xp: ModuleType, y: Array, de: Array) -> Array:
+        """``dk' = de @ key^T - 2 half k' sum_r de_r``, then ``dk' @ transform^T``."""
+        k2 = self.balanced_keys(xp, y)
+        dk = de @ xp.matrix_transpose(self.key) - k2 * (
+            xp.sum(de, axis=-1, keepdims=True) * (2 * self.half)
+        )
+        return dk if self.transform is None else dk @ xp.matrix_transpose(self.transform)
 
     def flatten(self, batch: tuple[int, ...]) -> Exponent:
         def f(a: Array | None) -> Array | None:

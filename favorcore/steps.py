@@ -54,12 +54,16 @@ from types import ModuleType
 from typing import Any
 
 from ._compat import Array, device, namespace, stop_gradient
+from ._schedule import Call, backward, forward
 from .features import Form
 
 __all__ = [
+    "Call",
     "Steps",
+    "backward",
     "causal_sums",
     "fast_paths",
+    "forward",
     "namespace_of",
     "normalise",
     "register_steps",
@@ -73,6 +77,15 @@ def with_ones(xp: ModuleType, v: Array) -> Array:
     return xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))], axis=-1)
 
 
+def _differentiable(xp: ModuleType, den: Array, bound: Array) -> Array:
+    """The rows whose gradient is computed: where the normaliser ``D`` is so small that a
+    gradient would overflow (``D <= sqrt(smallest normal)``, or ``D <= bound 1e4 / max
+    float`` with ``bound`` the largest entry of the key sums the row was answered from)
+    the row keeps its value but passes no gradient, instead of ``inf * 0 = NaN``."""
+    info = xp.finfo(den.dtype)
+    return (den > math.sqrt(float(info.smallest_normal))) & (den > bound * (1e4 / float(info.max)))
+
+
 def normalise(xp: ModuleType, o: Array, kv: Array) -> tuple[Array, Array]:
     """``(o[..., :dv] / o[..., dv:], small)`` for ``o = phi(Q) [S | z]``, ``kv = [S | z]``.
 
@@ -83,23 +96,30 @@ def normalise(xp: ModuleType, o: Array, kv: Array) -> tuple[Array, Array]:
 
     Under autodiff the division is ``(num / c) / (D / c)`` with ``c = D`` held constant:
     the same value and gradient, but the backward pass never forms ``D**2`` (which
-    underflows to 0 and turns gradients into inf/NaN when ``D`` is small); where ``D`` is
-    so small that a gradient would overflow (``D <= sqrt(smallest normal)`` or
-    ``D <= max|kv| 1e4 / max float``) the row keeps its value but passes no gradient.
+    underflows to 0 and turns gradients into inf/NaN when ``D`` is small); rows whose
+    gradient would overflow pass none (:func:`_differentiable`).
     """
     dv = kv.shape[-1] - 1
     num, den = o[..., :dv], o[..., dv:]
-    info = xp.finfo(den.dtype)
-    ok = den > float(info.smallest_normal)
+    ok = den > float(xp.finfo(den.dtype).smallest_normal)
     safe = xp.where(ok, den, 1.0)  # no 0/0 even in the branch where() discards
     c = stop_gradient(xp, safe)
     value = (num / c) / (safe / c)
     bound = stop_gradient(xp, xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True))
-    grad_ok = (den > math.sqrt(float(info.smallest_normal))) & (
-        den > bound * (1e4 / float(info.max))
-    )
-    value = xp.where(grad_ok, value, stop_gradient(xp, value))
+    value = xp.where(_differentiable(xp, den, bound), value, stop_gradient(xp, value))
     return xp.where(ok | xp.isnan(den), value, 0.0), ~(ok | xp.isnan(den))
+
+
+def _cotangent(xp: ModuleType, den: Array, out: Array, g: Array, kv: Array) -> Array:
+    """``g^ = [g ; -(g . out)] / D`` per row; 0 for the rows whose result was set to 0 (a
+    constant) and those that pass no gradient (:func:`_differentiable`, ``kv`` the key
+    sums they were answered from)."""
+    bound = xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True)
+    while bound.ndim < den.ndim:
+        bound = bound[..., None, :, :]
+    ok = _differentiable(xp, den, bound)
+    inv = xp.where(ok, 1.0 / xp.where(ok, den, 1.0), 0.0)
+    return xp.concat([g, -xp.sum(g * out, axis=-1, keepdims=True)], axis=-1) * inv
 
 
 def causal_sums(
@@ -178,10 +198,11 @@ class Steps:
             size = -(-size // chunk) * chunk
         return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
 
-    def fits(self, *arrays: Array) -> bool:
-        """Whether these operations can run a call whose result depends on ``arrays``
-        (when not, the schedule runs the standard ones with the same blocks)."""
-        return True
+    def run(self, call: Call) -> tuple[Array, Array, Array]:
+        """The whole call: ``(out, kv, small)`` of :func:`forward`. An adapter whose
+        framework differentiates wires the backward pass here (:func:`backward`)."""
+        out, kv, small, _ = forward(call)
+        return out, kv, small
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], like: Array) -> Array | None:
         """An array (``like``'s dtype and device) that :meth:`answer` and :meth:`causal`
@@ -226,6 +247,95 @@ class Steps:
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(i) for i in items]``, possibly concurrently."""
         return [fn(i) for i in items]
+
+    # -- the backward pass: the same blocks, in reverse where causal ----------------------
+
+    def answer_grad(
+        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array, g: Array
+    ) -> tuple[Array, Array]:
+        """The backward of :meth:`answer`: ``(dx, dkv)`` from the output's cotangent ``g``.
+
+        With ``g^ = [g ; -(g . out)] / D`` per row (0 where the normaliser was too small):
+        ``dphi = g^ kv^T``, ``dkv = phi(Q_b)^T g^``, and ``dx`` through the features.
+        """
+        qf = form.queries(xp, x)
+        gh = _cotangent(xp, qf @ kv[..., -1:], out, g, kv)
+        return form.query_grad(xp, x, (gh @ xp.matrix_transpose(kv)) * qf), xp.matrix_transpose(
+            qf
+        ) @ gh
+
+    def keys_grad(
+        self, xp: ModuleType, form: Form, y: Array, v: Array, keep: Array | None, dkv: Array
+    ) -> tuple[Array, Array]:
+        """The backward of :meth:`keys` and :meth:`key_sums`: ``(dy, dv)`` from the sums'
+        cotangent ``dkv``: ``dphi(K_b) = [V_b | 1] dkv^T``, ``dV_b = phi(K_b) dkv[:, :dv]``;
+        masked rows get 0."""
+        if keep is not None:
+            y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
+        kf = form.keys(xp, y)
+        if keep is not None:
+            kf = xp.where(keep, kf, 0.0)
+        dv = kf @ dkv[..., :-1]
+        dy = form.key_grad(xp, y, (with_ones(xp, v) @ xp.matrix_transpose(dkv)) * kf)
+        if keep is not None:
+            dy = xp.where(keep, dy, 0.0)
+        return dy, dv
+
+    def causal_grad(
+        self, xp: ModuleType, form: Form, x: Array, y: Array, v: Array, keep: Array | None,
+        kv0: Array | None, out: Array, g: Array, dkv: Array | None, chunk: int,
+    ) -> tuple[Array, Array, Array, Array]:  # fmt: skip
+        """The backward of a causal piece (``n`` chunks of ``chunk`` rows after the state
+        ``kv0``, :meth:`keys` and :meth:`causal` together), given its output's cotangent
+        ``g`` and the cotangent ``dkv`` of the state after it (None: 0): ``(dx, dy, dv,
+        dkv before it)``.
+
+        A reverse chunked scan: the chunks' prefixes ``S_<c`` are recomputed from ``kv0``
+        (as the forward), the suffixes ``R_>c = dkv + sum_{c' > c} phi(Q_c')^T g^_c'`` summed
+        from the end; never a subtraction from a total. Per chunk, ``dphi(Q) = g^ S_<c^T +
+        tril(g^ [V | 1]^T) phi(K)``, ``dphi(K) = [V | 1] R_>c^T + tril(g^ [V | 1]^T)^T
+        phi(Q)`` and ``dV = phi(K) R_>c[:, :dv] + tril(phi(Q) phi(K)^T)^T g^[:, :dv]``.
+        """
+        if keep is not None:
+            y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
+        qf, kf = form.queries(xp, x), form.keys(xp, y)
+        if keep is not None:
+            kf = xp.where(keep, kf, 0.0)
+        batch, rows, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
+        n, v1 = rows // chunk, with_ones(xp, v)
+        e = v1.shape[-1]
+        qc, kc = xp.reshape(qf, (*batch, n, chunk, m)), xp.reshape(kf, (*batch, n, chunk, m))
+        vc = xp.reshape(v1, (*batch, n, chunk, e))
+        sums = xp.matrix_transpose(kc) @ vc
+        pre = xp.cumulative_sum(sums, axis=-3, include_initial=True)[..., :n, :, :]
+        if kv0 is not None:
+            pre = pre + kv0[..., None, :, :]
+        pos = xp.arange(chunk, device=device(qf))
+        lower = pos[:, None] >= pos[None, :]
+        scores = xp.where(lower, qc @ xp.matrix_transpose(kc), 0.0)
+        den = qc @ pre[..., e - 1 :] + xp.sum(scores, axis=-1, keepdims=True)
+        oc, gc = (xp.reshape(a, (*batch, n, chunk, a.shape[-1])) for a in (out, g))
+        gh = _cotangent(xp, den, oc, gc, pre)
+        mixed = xp.where(lower, gh @ xp.matrix_transpose(vc), 0.0)  # (g^_i . v1_j), j <= i
+        contrib = xp.matrix_transpose(qc) @ gh
+        total = xp.cumulative_sum(xp.flip(contrib, axis=-3), axis=-3, include_initial=True)
+        suffix = xp.flip(total[..., :n, :, :], axis=-3)  # R_>c, without dkv
+        before = total[..., n, :, :]
+        if dkv is not None:
+            suffix, before = suffix + dkv[..., None, :, :], before + dkv
+        dq = gh @ xp.matrix_transpose(pre) + mixed @ kc
+        dk = vc @ xp.matrix_transpose(suffix) + xp.matrix_transpose(mixed) @ qc
+        dvc = kc @ suffix[..., : e - 1] + xp.matrix_transpose(scores) @ gh[..., : e - 1]
+
+        def flat(a: Array) -> Array:
+            return xp.reshape(a, (*batch, rows, a.shape[-1]))
+
+        dx = form.query_grad(xp, x, flat(dq) * qf)
+        dy = form.key_grad(xp, y, flat(dk) * kf)
+        dv = flat(dvc)
+        if keep is not None:
+            dy, dv = xp.where(keep, dy, 0.0), xp.where(keep, dv, 0.0)
+        return dx, dy, dv, before
 
 
 # -- registration ---------------------------------------------------------------------------

@@ -58,6 +58,8 @@ def _child(conn, q, k, v, causal) -> None:  # runs in the forked child
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("causal", [False, True])
+# JAX, when another test module imported it, warns at every fork about its own threads
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_forked_child_computes_after_the_parents_call(mode: str, causal: bool) -> None:
     # fork (multiprocessing's default on Linux before 3.14, PyTorch's DataLoader workers)
     # copies only the calling thread: a pool made by the parent would not exist in the

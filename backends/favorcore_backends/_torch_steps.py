@@ -1,10 +1,13 @@
-"""PyTorch's operations of the engine: the eager ones (:mod:`._eager`) on tensors.
+"""PyTorch's operations of the engine: the eager ones (:mod:`._eager`) on tensors, and
+the backward pass wired into autograd.
 
 Registered for PyTorch when the core first meets tensors. PyTorch's own intra-op threads
 use every core, so work items run in order in the calling thread. While autograd records
-(any input requires grad) the engine runs the standard operations instead
-(:meth:`TorchSteps.fits`): in-place steps on reused buffers would overwrite tensors it
-saved for the backward pass.
+(any input requires grad) a call of a positive map runs as one ``torch.autograd.Function``:
+its forward is the engine's (in place, into buffers: autograd sees none of it), its
+backward the engine's written-out backward (:func:`favorcore.steps.backward`), from the
+inputs, the output and the states the causal pieces started from, which is all it saves.
+Other maps are differentiated by autograd through the standard operations.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
+from torch.autograd.function import once_differentiable
 
 from favorcore import register_steps
+from favorcore.features import Exponent
+from favorcore.steps import Call, Steps, backward, forward
 
 from ._eager import EagerSteps, Lib
 
@@ -56,9 +62,47 @@ class TorchSteps(EagerSteps):
         """:attr:`block` rows for causal attention, 4x as many bidirectional."""
         return self.block if causal else 4 * self.block
 
-    def fits(self, *arrays: Any) -> bool:
-        """False while autograd records any input."""
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in arrays))
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # (compiled around, as it is)
+    def run(self, call: Call) -> tuple[Any, Any, Any]:
+        """The call; with autograd recording, through :class:`_Attention` (positive maps)
+        or autograd of the standard operations (other maps)."""
+        inputs = [t for t in (call.x, call.y, call.v, call.kv0) if t is not None]
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            return super().run(call)
+        if not isinstance(call.form, Exponent):
+            standard = Steps(block=self.block_size(call.x.shape[-2], call.causal), chunk=self.chunk)
+            return standard.run(call.with_arrays(steps=standard))
+        out, kv, small = _Attention.apply(call, call.x, call.y, call.v, call.kv0)  # type: ignore[no-untyped-call]
+        return out, kv, small
+
+
+class _Attention(torch.autograd.Function):
+    """FAVOR attention with the engine's own backward pass."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, call: Call, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+        kv0: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        call = call.with_arrays(x=x, y=y, v=v, kv0=kv0)
+        out, kv, small, states = forward(call)
+        ctx.call, ctx.states, ctx.has_state = call, states, kv0 is not None
+        ctx.save_for_backward(x, y, v, out, kv, *([] if kv0 is None else [kv0]))
+        ctx.mark_non_differentiable(small)
+        ctx.set_materialize_grads(False)
+        return out, kv, small
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, g_out: torch.Tensor | None, g_kv: torch.Tensor | None, _: Any
+    ) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x, y, v, out, kv, *rest = ctx.saved_tensors
+        call = ctx.call.with_arrays(x=x, y=y, v=v, kv0=rest[0] if rest else None)
+        if g_out is None:
+            g_out = torch.zeros_like(out)
+        dx, dy, dv, dkv0 = backward(call, out, kv, ctx.states, g_out, g_kv)
+        return None, dx, dy, dv, dkv0
 
 
 register_steps("array_api_compat.torch", TorchSteps())

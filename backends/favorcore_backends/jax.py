@@ -21,20 +21,64 @@ import jax
 import jax.numpy as jnp
 
 from favorcore import FeatureMap, Steps, register_steps
+from favorcore.features import Exponent
 from favorcore.projection import (
     NORM_KINDS,
     PROJECTION_KINDS,
     hadamard_matrix,
     simplex_directions,
 )
+from favorcore.steps import Call, backward, forward
 
-__all__ = ["STEPS", "draw_projection", "feature_matrix"]
+__all__ = ["STEPS", "JaxSteps", "draw_projection", "feature_matrix"]
 
 
-#: the engine's settings under JAX: every batch row in one block (one copy of the block
-#: computation per block in the traced program), at most ``max_blocks`` blocks per
-#: sequence (the program and its compile time grow with their number)
-STEPS = Steps(block=1024, chunk=128, vectorized=True, max_blocks=32)
+class JaxSteps(Steps):
+    """The standard operations with every batch row in one block (one copy of the block
+    computation per block in the traced program), at most ``max_blocks`` blocks per
+    sequence (the program and its compile time grow with their number); a call of a
+    positive map differentiates through the engine's own backward pass
+    (``jax.custom_vjp``), which keeps the inputs, the output and the causal pieces'
+    states, where JAX's autodiff of the forward would keep every block's features."""
+
+    def __init__(self) -> None:
+        super().__init__(block=1024, chunk=128, vectorized=True, max_blocks=32)
+
+    def run(self, call: Call) -> tuple[Any, Any, Any]:
+        if not isinstance(call.form, Exponent):
+            return super().run(call)
+        form = call.form
+        pieces: list[Any] = []  # the causal pieces' bounds: static, from the forward's trace
+
+        def rebuild(arrays: tuple[Any, ...]) -> Call:
+            x, y, v, kv0, mask, query, query_bias, key, key_bias, transform, shift = arrays
+            new = Exponent(query, query_bias, key, key_bias, form.half, transform, shift)
+            return call.with_arrays(x=x, y=y, v=v, kv0=kv0, mask=mask, form=new)
+
+        @jax.custom_vjp
+        def attend(arrays: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+            out, kv, small, _ = forward(rebuild(arrays))
+            return out, kv, small
+
+        def attend_fwd(arrays: tuple[Any, ...]) -> tuple[tuple[Any, Any, Any], Any]:
+            out, kv, small, states = forward(rebuild(arrays))
+            pieces[:] = [[p for p, _ in group] for group in states]
+            held = [[st for _, st in group] for group in states]
+            return (out, kv, small), (arrays, out, kv, held)
+
+        def attend_bwd(res: Any, cotangents: Any) -> tuple[tuple[Any, ...]]:
+            arrays, out, kv, held = res
+            g_out, g_kv, _ = cotangents
+            states = [list(zip(p, h, strict=True)) for p, h in zip(pieces, held, strict=True)]
+            dx, dy, dv, dkv0 = backward(rebuild(arrays), out, kv, states, g_out, g_kv)
+            return ((dx, dy, dv, dkv0, *([None] * 7)),)
+
+        attend.defvjp(attend_fwd, attend_bwd)
+        fields = (form.query, form.query_bias, form.key, form.key_bias, form.transform, form.shift)
+        return attend((call.x, call.y, call.v, call.kv0, call.mask, *fields))
+
+
+STEPS = JaxSteps()
 register_steps("jax.numpy", STEPS)
 
 

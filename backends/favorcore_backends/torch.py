@@ -1,4 +1,4 @@
-"""PyTorch adapter: a drop-in ``nn.MultiheadAttention``, model conversion, causal segments.
+"""PyTorch adapter: a drop-in ``nn.MultiheadAttention`` and model conversion.
 
 The math is the core's (:func:`favorcore.favor_attention` runs on tensors as they are;
 its PyTorch operations are :mod:`favorcore_backends._torch_steps`); this module adds what
@@ -8,9 +8,10 @@ only PyTorch has:
   linear attention can honour the call (no attention weights, no arbitrary masks);
 * :func:`favorize`, which swaps the softmax attention of an existing model for FAVOR
   attention, keeping its weights (the papers' backward compatibility);
-* memory-bounded backward passes of causal attention: the sequence is cut into segments
-  that are recomputed one at a time during backward (``torch.utils.checkpoint``),
-  carrying the core's causal state between them.
+
+A call on tensors that require grad runs the engine's own backward pass (its
+``torch.autograd.Function`` is in :mod:`favorcore_backends._torch_steps`): it keeps the
+inputs, the output and one ``m x (dv + 1)`` state per causal block, never the features.
 
 Hugging Face ``transformers`` models take FAVOR attention through
 :mod:`favorcore_backends.transformers`.
@@ -24,76 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import favorcore
-from favorcore import AttentionState, Balance, FeatureMap, OptimalPositiveFeatures
+from favorcore import Balance, FeatureMap, OptimalPositiveFeatures
 
 from . import _torch_steps  # noqa: F401  (registers PyTorch's operations)
 from ._heads import pooled_statistics, to_heads
 
-__all__ = ["DEFAULT_SEGMENT", "FavorAttention", "causal_favor_attention", "favorize"]
-
-#: Tokens per recomputed segment in the backward pass of causal attention.
-DEFAULT_SEGMENT = 2048
-
-
-def causal_favor_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    features: FeatureMap,
-    key_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    chunk_size: int | None = None,
-    projection: torch.Tensor | None = None,
-    segment: int | None = DEFAULT_SEGMENT,
-    check_finite: bool = True,
-    balance: Balance | None = None,
-) -> torch.Tensor:
-    """Causal FAVOR attention whose backward pass keeps O(segment * m) activations.
-
-    Splits the sequence into segments of ``segment`` tokens and runs the core on each
-    under ``torch.utils.checkpoint``, carrying the :class:`~favorcore.AttentionState`: the
-    forward stores only the inputs and one ``m x (dv + 1)`` state per segment, and the
-    backward recomputes one segment's features at a time. Without gradients (or with
-    ``segment=None``, or a sequence no longer than one segment) it is one core call. The
-    result equals :func:`favorcore.favor_attention` with ``causal=True`` to rounding.
-    ``balance`` takes fixed statistics (e.g. of a calibration batch) as in the core.
-    """
-    kwargs: dict[str, Any] = {
-        "features": features, "causal": True, "scale": scale, "chunk_size": chunk_size,
-        "projection": projection, "check_finite": check_finite, "balance": balance,
-    }  # fmt: skip
-    length = q.shape[-2]
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)
-    )
-    if segment is None or not needs_grad or length <= segment:
-        return _favor(q, k, v, key_mask=key_mask, **kwargs)
-
-    def run(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, ms: torch.Tensor | None,
-            kv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        state = None if kv is None else AttentionState(kv)
-        out, new = favorcore.favor_attention(
-            qs, ks, vs, key_mask=ms, state=state, return_state=True, **kwargs
-        )
-        return out, new.kv
-
-    # split (not slicing): the backward of split concatenates the pieces' gradients once,
-    # where slicing would allocate a full-length gradient for every piece
-    pieces = zip(
-        torch.split(q, segment, dim=-2), torch.split(k, segment, dim=-2),
-        torch.split(v, segment, dim=-2),
-        [None] * -(-length // segment) if key_mask is None else torch.split(key_mask, segment, dim=-1),
-        strict=True,
-    )  # fmt: skip
-    outs, kv = [], None
-    for qs, ks, vs, ms in pieces:
-        out, kv = checkpoint(run, qs, ks, vs, ms, kv, use_reentrant=False)
-        outs.append(out)
-    return torch.cat(outs, dim=-2)
+__all__ = ["FavorAttention", "favorize"]
 
 
 def _favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -153,9 +92,6 @@ class FavorAttention(nn.Module):
         Logit scale (default ``1/sqrt(head_dim)``).
     chunk_size : int, optional
         Chunk length of causal attention.
-    segment : int or None
-        Tokens per recomputed segment of the causal backward pass (see
-        :func:`causal_favor_attention`); None stores every activation.
 
     Examples
     --------
@@ -190,7 +126,6 @@ class FavorAttention(nn.Module):
         redraw_interval: int | None = None,
         scale: float | None = None,
         chunk_size: int | None = None,
-        segment: int | None = DEFAULT_SEGMENT,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
@@ -230,9 +165,7 @@ class FavorAttention(nn.Module):
             raise TypeError(f"features must be a FeatureMap, got {type(self.features).__name__}")
         #: fixed :class:`~favorcore.Balance` statistics (per head) for every call, or None
         self.statistics: Balance | None = None
-        self.redraw_interval, self.scale, self.chunk_size, self.segment = (
-            redraw_interval, scale, chunk_size, segment,
-        )  # fmt: skip
+        self.redraw_interval, self.scale, self.chunk_size = redraw_interval, scale, chunk_size
         self.frozen = False
         self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
@@ -371,12 +304,10 @@ class FavorAttention(nn.Module):
             stats = self.statistics
             if stats is not None:
                 kwargs["balance"] = Balance(*(None if t is None else t.to(q) for t in stats))
-            if causal:
-                if stats is None:
-                    kwargs["features"] = self.features.causal_form()
-                out = causal_favor_attention(q, k, v, segment=self.segment, **kwargs)
-            else:
-                out = _favor(q, k, v, query_mask=key_mask if self_attention else None, **kwargs)
+            if causal and stats is None:
+                kwargs["features"] = self.features.causal_form()
+            out = _favor(q, k, v, causal=causal,
+                         query_mask=key_mask if self_attention and not causal else None, **kwargs)  # fmt: skip
         out = self.out_proj(out.transpose(1, 2).flatten(-2))
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)

@@ -22,7 +22,6 @@ import favorcore
 from favorcore import Balance, BalanceKind, FeatureMap, OptimalPositiveFeatures
 
 from ._heads import Call, pooled_statistics
-from .torch import causal_favor_attention
 
 __all__ = ["register_transformers", "transformers_statistics"]
 
@@ -95,9 +94,11 @@ def register_transformers(
         with torch.autocast(device_type=query.device.type, enabled=False):
             km = None if key_mask is None else key_mask[:, None, :]
             if causal and query.shape[2] == key.shape[2]:
-                out = causal_favor_attention(query, key, value, features=layer_map(layer, stats is None),
-                                             key_mask=km, scale=scaling, chunk_size=chunk_size,
-                                             check_finite=False, balance=stats)  # fmt: skip
+                result = favorcore.favor_attention(
+                    query, key, value, features=layer_map(layer, stats is None), causal=True,
+                    key_mask=km, scale=scaling, chunk_size=chunk_size, check_finite=False,
+                    balance=stats,
+                )  # fmt: skip
             elif causal:
                 raise ValueError(
                     "causal attention with a key/value cache is not supported by this registration"
@@ -109,8 +110,8 @@ def register_transformers(
                     query_mask=qm, scale=scaling, check_finite=False,
                     balance=balance if stats is None else stats,
                 )  # fmt: skip
-                assert isinstance(result, torch.Tensor)
-                out = result
+            assert isinstance(result, torch.Tensor)
+            out = result
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(name, attention)
