@@ -77,6 +77,7 @@ class Call:
     causal: bool
     m: int
     batch: tuple[int, ...] = field(default=())
+    group: int = 1  # query rows per key row in causal calls (grouped-query attention)
 
     def with_arrays(self, **arrays: Any) -> Call:
         """The call with other arrays (the same blocks, form and settings)."""
@@ -92,6 +93,10 @@ class Call:
     @staticmethod
     def rows(a: Array, g: int | None, lo: int, hi: int) -> Array:
         return a[:, lo:hi, :] if g is None else a[g, lo:hi, :]
+
+    def query_rows(self, a: Array, g: int | None, lo: int, hi: int) -> Array:
+        """The query rows (of ``x``, the output, its cotangent) of positions ``lo:hi``."""
+        return self.rows(a, g, lo * self.group, hi * self.group)
 
     def of(self, a: Array | None, g: int | None) -> Array | None:
         """Group ``g``'s part of a ``(n_rows, ...)`` array."""
@@ -153,9 +158,11 @@ def flatten(
     chunk: int,
     batch: tuple[int, ...],
     m: int,
+    group: int = 1,
 ) -> Call:
     """The :class:`Call` of rows ``x``, ``y``, ``v`` broadcasting to ``batch`` (``mask``
-    ``(..., Lk, 1)``, ``kv0`` ``batch + (m, dv + 1)``)."""
+    ``(..., Lk, 1)``, ``kv0`` ``batch + (m, dv + 1)``; ``group`` query rows per key row,
+    interleaved by position, in causal calls)."""
     from .steps import Steps
 
     n_rows = math.prod(batch)
@@ -171,7 +178,7 @@ def flatten(
         xp, steps, form.flatten(batch), flat(x, lq), flat(y, lk), flat(v, lk),
         None if mask is None else flat(mask, lk),
         None if kv0 is None else xp.reshape(kv0, (n_rows, *kv0.shape[-2:])),
-        chunk, causal, m, batch,
+        chunk, causal, m, batch, group,
     )  # fmt: skip
 
 
@@ -196,6 +203,10 @@ def forward(call: Call) -> tuple[Array, Array, Array, list[list[tuple[Piece, Arr
 
 def _into(dest: Array | None, g: int | None, lo: int, hi: int) -> Array | None:
     return None if dest is None else Call.rows(dest, g, lo, hi)
+
+
+def _query_into(call: Call, dest: Array | None, g: int | None, lo: int, hi: int) -> Array | None:
+    return None if dest is None else call.query_rows(dest, g, lo, hi)
 
 
 def _group_totals(call: Call, partial: list[Array | None], per: int) -> list[Array]:
@@ -232,7 +243,7 @@ def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array,
 
 def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, list[Any]]:
     steps, groups = call.steps, call.groups()
-    segs = call.segments(call.x.shape[-2])
+    segs = call.segments(call.y.shape[-2])
     before = [(g, lo, hi) for g in groups for lo, hi in segs[:-1]]
     partial = steps.map(call.key_sums, before) if before else []
     starts: list[list[Array | None]] = []
@@ -249,13 +260,13 @@ def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, list[A
     ) -> tuple[Pieces, list[Any], Array | None]:
         i, g, j, lo, hi = item
         form, state, pieces, started = call.form_of(g), starts[i][j], [], []
-        for s, e in call.blocks(call.x, lo, hi):
+        for s, e in call.blocks(call.y, lo, hi):
             kf, vb = call.keys(g, form, s, e)
             for a, b, c in _pieces(s, e, call.chunk):
                 started.append(((a, b, c), state))
                 result, small, state = steps.causal(
-                    call.xp, form, call.rows(call.x, g, a, b), kf[..., a - s : b - s, :],
-                    vb[..., a - s : b - s, :], state, c, _into(dest, g, a, b),
+                    call.xp, form, call.query_rows(call.x, g, a, b), kf[..., a - s : b - s, :],
+                    vb[..., a - s : b - s, :], state, c, _query_into(call, dest, g, a, b),
                 )  # fmt: skip
                 pieces.append((result, small))
         return pieces, started, state
@@ -350,22 +361,22 @@ def _causal_grad(
 ) -> tuple[Array, Array, Array, Array]:  # fmt: skip
     steps, groups, xp = call.steps, call.groups(), call.xp
 
-    def group(i: int) -> tuple[list[Array], list[Array], list[Array], Array | None]:
+    def one_group(i: int) -> tuple[list[Array], list[Array], list[Array], Array | None]:
         grp = groups[i]
         form, carried = call.form_of(grp), call.of(dkv, grp)
         dxs, dys, dvs = [], [], []
         for (a, b, c), state in reversed(states[i]):
-            rows = [call.rows(t, grp, a, b) for t in (call.x, call.y, call.v, out, g)]
+            x, out_p, g_p = (call.query_rows(t, grp, a, b) for t in (call.x, out, g))
+            y, v = call.rows(call.y, grp, a, b), call.rows(call.v, grp, a, b)
             dx, dy, dv, carried = steps.causal_grad(
-                xp, form, rows[0], rows[1], rows[2], call.keep(grp, a, b), state, rows[3],
-                rows[4], carried, c,
-            )  # fmt: skip
+                xp, form, x, y, v, call.keep(grp, a, b), state, out_p, g_p, carried, c
+            )
             dxs.append(dx)
             dys.append(dy)
             dvs.append(dv)
         return dxs[::-1], dys[::-1], dvs[::-1], carried
 
-    results = steps.map(group, list(range(len(groups))))
+    results = steps.map(one_group, list(range(len(groups))))
     dt, d, dv = call.x.dtype, call.x.shape[-1], call.v.shape[-1]
     return (
         call.join([r[0] for r in results], d, dt),

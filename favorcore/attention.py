@@ -182,16 +182,19 @@ def _check_balance(stats: Balance, batch: tuple[int, ...], d: int, like: Array) 
 
 
 def _warn_small_normaliser(
-    xp: ModuleType, bad: Array, mask: Array | None, causal: bool, fmap: FeatureMap
+    xp: ModuleType, bad: Array, mask: Array | None, causal: bool, fmap: FeatureMap, group: int = 1
 ) -> None:
-    """Warn when query rows with valid keys got no usable normaliser (their output is 0)."""
+    """Warn when query rows with valid keys got no usable normaliser (their output is 0);
+    ``group`` query rows per position (grouped-query attention)."""
     if mask is not None:
         valid = xp.astype(mask[..., 0], xp.int32)
-        has_key = (
-            (xp.cumulative_sum(valid, axis=-1) > 0)
-            if causal
-            else (xp.sum(valid, axis=-1, keepdims=True) > 0)
-        )
+        if causal:
+            has_key = xp.cumulative_sum(valid, axis=-1) > 0
+            if group > 1:  # each position's G query rows
+                has_key = xp.broadcast_to(has_key[..., None], (*has_key.shape, group))
+                has_key = xp.reshape(has_key, (*has_key.shape[:-2], -1))
+        else:
+            has_key = xp.sum(valid, axis=-1, keepdims=True) > 0
         bad = bad & has_key[..., None]
     count = int(xp.sum(xp.astype(bad, xp.int32)))
     if not count:
@@ -299,6 +302,46 @@ def linear_attention(
 _finite = check_finite  # (the name is taken by favor_attention's argument)
 
 
+def _group(q: Array, k: Array, enable_gqa: bool) -> int:
+    """Query heads per key head (1 without ``enable_gqa``)."""
+    if not enable_gqa:
+        return 1
+    if q.ndim < 3 or k.ndim < 3:
+        raise ValueError(
+            "enable_gqa needs q and k with a heads axis (-3): q (..., H, Lq, d), "
+            f"k (..., H_kv, Lk, d); got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+        )
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"enable_gqa: q's heads ({heads}) must be a multiple of k's and v's ({kv_heads})"
+        )
+    return int(heads // kv_heads)
+
+
+def _interleave(xp: ModuleType, a: Array, group: int) -> Array:
+    """``(..., H_kv G, L, w)`` -> ``(..., H_kv, L G, w)``: the ``G`` query heads of a key head
+    as its rows, interleaved by position (row ``i G + h`` is head ``h`` at position ``i``)."""
+    if group == 1:
+        return a
+    *lead, heads, length, width = a.shape
+    n = len(lead)
+    a = xp.reshape(a, (*lead, heads // group, group, length, width))
+    a = xp.permute_dims(a, (*range(n), n, n + 2, n + 1, n + 3))
+    return xp.reshape(a, (*lead, heads // group, length * group, width))
+
+
+def _deinterleave(xp: ModuleType, a: Array, group: int) -> Array:
+    """The inverse of :func:`_interleave`."""
+    if group == 1:
+        return a
+    *lead, kv_heads, rows, width = a.shape
+    n = len(lead)
+    a = xp.reshape(a, (*lead, kv_heads, rows // group, group, width))
+    a = xp.permute_dims(a, (*range(n), n, n + 2, n + 1, n + 3))
+    return xp.reshape(a, (*lead, kv_heads * group, rows // group, width))
+
+
 def _plan(
     q: Array,
     k: Array,
@@ -315,15 +358,25 @@ def _plan(
     check_finite: bool,
     balance: bool | BalanceKind | Balance | None,
     query_mask: Array | None,
+    enable_gqa: bool = False,
 ) -> tuple[Call, FeatureMap]:
-    """A call of :func:`favor_attention` checked, resolved and flattened for the engine."""
+    """A call of :func:`favor_attention` checked, resolved and flattened for the engine
+    (with ``enable_gqa``, the query heads of a key head become its rows)."""
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
                    projection=projection)  # fmt: skip
     check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
                   projection=projection)  # fmt: skip
+    check_qkv(xp, q, q, q, ("q", "q", "q"))
+    group = _group(q, k, enable_gqa)
+    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    if group > 1:  # the query heads of a key head become its rows
+        check_mask(xp, query_mask, tuple(q.shape[:-2]), q.shape[-2], "query_mask")
+        if query_mask is not None:
+            full = xp.broadcast_to(query_mask[..., None], (*q.shape[:-1], 1))
+            query_mask = _interleave(xp, full, group)[..., 0]
+        q = _interleave(xp, q, group)
     batch = check_qkv(xp, q, k, v, ("q", "k", "v"))
     d, dv = q.shape[-1], v.shape[-1]
-    check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
     mask = check_mask(xp, key_mask, batch, k.shape[-2], "key_mask")
     check_mask(xp, query_mask, batch, q.shape[-2], "query_mask")
     chunk = check_chunk(chunk_size)
@@ -350,6 +403,7 @@ def _plan(
     call = flatten(
         xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal,
         chunk=steps.chunk if chunk is None else chunk, batch=batch, m=fmap.num_features(d),
+        group=group,
     )  # fmt: skip
     return call, fmap
 
@@ -380,6 +434,7 @@ def favor_attention_vjp(
     check_finite: bool = True,
     balance: bool | BalanceKind | Balance | None = None,
     query_mask: Array | None = None,
+    enable_gqa: bool = False,
 ) -> tuple[Array, Array, Array, AttentionState | None]:
     r"""The vector-Jacobian product of :func:`favor_attention`: its gradients, block by block.
 
@@ -417,13 +472,14 @@ def favor_attention_vjp(
         q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
         chunk_size=chunk_size, state=state, return_state=grad_state is not None,
         projection=projection, check_finite=check_finite, balance=balance,
-        query_mask=query_mask,
+        query_mask=query_mask, enable_gqa=enable_gqa,
     )  # fmt: skip
-    xp, batch = call.xp, call.batch
-    n_rows, lq, dv = math.prod(batch), q.shape[-2], v.shape[-1]
-    check_shape("grad", grad, (lq, dv), batch, q)
-    g = xp.reshape(xp.broadcast_to(xp.astype(grad, call.x.dtype, copy=False), (*batch, lq, dv)),
-                   (n_rows, lq, dv))  # fmt: skip
+    xp, batch, group = call.xp, call.batch, call.group
+    n_rows, lq, dv = math.prod(batch), call.x.shape[-2], v.shape[-1]
+    check_shape("grad", grad, (q.shape[-2], dv), tuple(q.shape[:-2]), q)
+    grad = xp.broadcast_to(grad, (*q.shape[:-1], dv)) if group > 1 else grad
+    g = xp.astype(_interleave(xp, grad, group), call.x.dtype, copy=False)
+    g = xp.reshape(xp.broadcast_to(g, (*batch, lq, dv)), (n_rows, lq, dv))
     dkv = None
     if grad_state is not None:
         expected = (*batch, call.m, dv + 1)
@@ -437,7 +493,9 @@ def favor_attention_vjp(
         return xp.astype(_unbroadcast(xp, a, tuple(like.shape)), like.dtype, copy=False)
 
     dstate = None if dkv0 is None or state is None else AttentionState(back(dkv0, state.kv))
-    return back(dx, q), back(dy, k), back(dvv, v), dstate
+    dq = _deinterleave(xp, xp.reshape(dx, (*batch, *dx.shape[-2:])), group)
+    dq = xp.astype(_unbroadcast(xp, dq, tuple(q.shape)), q.dtype, copy=False)
+    return dq, back(dy, k), back(dvv, v), dstate
 
 
 def favor_attention(
@@ -456,6 +514,7 @@ def favor_attention(
     check_finite: bool = True,
     balance: bool | BalanceKind | Balance | None = None,
     query_mask: Array | None = None,
+    enable_gqa: bool = False,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -523,6 +582,13 @@ def favor_attention(
         left out of the statistics computed from the tokens (balance, FAVOR++'s ``A``).
         Their output rows are computed as usual. In self-attention over padded batches
         pass the same mask as ``key_mask``.
+    enable_gqa : bool
+        Grouped-query attention (PyTorch SDPA's name and layout): ``k`` and ``v`` have
+        ``H_kv`` heads on axis -3 for ``q``'s ``H = G H_kv``, and query head ``h`` attends
+        with key head ``h // G``. Key features and sums are computed once per key head;
+        statistics computed from the tokens are pooled over a key head's query heads;
+        ``key_mask``, ``state`` and ``balance`` have ``H_kv`` heads (or 1), ``query_mask``
+        ``H`` (or 1).
 
     Returns
     -------
@@ -568,14 +634,16 @@ def favor_attention(
         q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
         chunk_size=chunk_size, state=state, return_state=return_state, projection=projection,
         check_finite=check_finite, balance=balance, query_mask=query_mask,
+        enable_gqa=enable_gqa,
     )  # fmt: skip
-    xp, batch = call.xp, call.batch
+    xp, batch, rows, group = call.xp, call.batch, call.x.shape[-2], call.group
     out, kv, small = call.steps.run(call)
-    small = xp.reshape(small, (*batch, q.shape[-2], 1))
+    small = xp.reshape(small, (*batch, rows, 1))
     if check_finite and is_eager(small):
         mask = None if call.mask is None else xp.reshape(call.mask, (*batch, k.shape[-2], 1))
-        _warn_small_normaliser(xp, small, mask, causal, fmap)
-    out = xp.astype(xp.reshape(out, (*batch, q.shape[-2], v.shape[-1])), q.dtype, copy=False)
+        _warn_small_normaliser(xp, small, mask, causal, fmap, group)
+    out = _deinterleave(xp, xp.reshape(out, (*batch, rows, v.shape[-1])), group)
+    out = xp.astype(out, q.dtype, copy=False)
     kv = xp.reshape(kv, (*batch, *kv.shape[-2:]))
     return (out, AttentionState(kv)) if return_state else out
 

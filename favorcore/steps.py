@@ -64,6 +64,7 @@ __all__ = [
     "causal_sums",
     "fast_paths",
     "forward",
+    "lower_mask",
     "namespace_of",
     "normalise",
     "register_steps",
@@ -122,6 +123,13 @@ def _cotangent(xp: ModuleType, den: Array, out: Array, g: Array, kv: Array) -> A
     return xp.concat([g, -xp.sum(g * out, axis=-1, keepdims=True)], axis=-1) * inv
 
 
+def lower_mask(xp: ModuleType, chunk: int, group: int, like: Array) -> Array:
+    """``(chunk group, chunk)`` boolean: query row ``r`` (of position ``r // group``: the
+    ``group`` query heads of a key head, interleaved) may see key ``j``."""
+    pos_q = xp.arange(chunk * group, device=device(like)) // group
+    return pos_q[:, None] >= xp.arange(chunk, device=device(like))[None, :]
+
+
 def causal_sums(
     xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
 ) -> tuple[Array, Array]:
@@ -130,21 +138,21 @@ def causal_sums(
     Per chunk ``i``: ``o_i = phi(Q_i) S_<i + tril(phi(Q_i) phi(K_i)^T) [V_i | 1]``, where
     ``S_<i`` is ``kv0`` plus the sums ``phi(K_j)^T [V_j | 1]`` of the chunks before it (one
     exclusive ``cumulative_sum``); ``kv`` is the state after the last chunk. ``v1`` is
-    ``[V | 1]``; the rows are ``n c`` exactly.
+    ``[V | 1]``; the keys' rows are ``n c`` exactly, the queries' ``n c G`` for ``G``
+    query heads per key head (grouped-query attention: their rows interleaved by position).
     """
-    batch, rows, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
-    n, e = rows // c, v1.shape[-1]
-    qc = xp.reshape(qf, (*batch, n, c, m))
+    batch, rows, m = kf.shape[:-2], kf.shape[-2], kf.shape[-1]
+    n, e, group = rows // c, v1.shape[-1], qf.shape[-2] // max(rows, 1)
+    qc = xp.reshape(qf, (*qf.shape[:-2], n, c * group, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
     sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
     prefix, total = sums[..., :n, :, :], sums[..., n, :, :]
     if kv0 is not None:
         prefix, total = prefix + kv0[..., None, :, :], total + kv0
-    pos = xp.arange(c, device=device(qf))
-    scores = xp.where(pos[:, None] >= pos[None, :], qc @ xp.matrix_transpose(kc), 0.0)
+    scores = xp.where(lower_mask(xp, c, group, qf), qc @ xp.matrix_transpose(kc), 0.0)
     o = qc @ prefix + scores @ vc
-    return xp.reshape(o, (*batch, rows, e)), total
+    return xp.reshape(o, (*o.shape[:-3], qf.shape[-2], e)), total
 
 
 class Steps:
@@ -237,8 +245,9 @@ class Steps:
         self, xp: ModuleType, form: Form, x: Array, kf: Array, v: Array, kv0: Array | None,
         chunk: int, out: Array | None,
     ) -> tuple[Array, Array, Array]:  # fmt: skip
-        """A causal block of ``n`` chunks of ``chunk`` rows (queries ``x``, key features
-        ``kf`` and values ``v`` from :meth:`keys`) after the state ``kv0`` (None: none):
+        """A causal block of ``n`` chunks of ``chunk`` key rows (key features ``kf`` and
+        values ``v`` from :meth:`keys`; queries ``x``, ``G`` rows per key row for ``G``
+        query heads per key head, interleaved) after the state ``kv0`` (None: none):
         ``(result, small, kv)`` with ``kv`` the state after the block (a new array)."""
         o, kv = causal_sums(xp, form.queries(xp, x), kf, with_ones(xp, v), kv0, chunk)
         result, small = normalise(xp, o, kv)
@@ -285,8 +294,9 @@ class Steps:
         self, xp: ModuleType, form: Form, x: Array, y: Array, v: Array, keep: Array | None,
         kv0: Array | None, out: Array, g: Array, dkv: Array | None, chunk: int,
     ) -> tuple[Array, Array, Array, Array]:  # fmt: skip
-        """The backward of a causal piece (``n`` chunks of ``chunk`` rows after the state
-        ``kv0``, :meth:`keys` and :meth:`causal` together), given its output's cotangent
+        """The backward of a causal piece (``n`` chunks of ``chunk`` key rows, and ``G`` times
+        as many query rows, after the state ``kv0``, :meth:`keys` and :meth:`causal`
+        together), given its output's cotangent
         ``g`` and the cotangent ``dkv`` of the state after it (None: 0): ``(dx, dy, dv,
         dkv before it)``.
 
@@ -301,20 +311,22 @@ class Steps:
         qf, kf = form.queries(xp, x), form.keys(xp, y)
         if keep is not None:
             kf = xp.where(keep, kf, 0.0)
-        batch, rows, m = qf.shape[:-2], qf.shape[-2], qf.shape[-1]
-        n, v1 = rows // chunk, with_ones(xp, v)
+        rows, m = kf.shape[-2], kf.shape[-1]
+        n, v1, group = rows // chunk, with_ones(xp, v), qf.shape[-2] // max(rows, 1)
         e = v1.shape[-1]
-        qc, kc = xp.reshape(qf, (*batch, n, chunk, m)), xp.reshape(kf, (*batch, n, chunk, m))
-        vc = xp.reshape(v1, (*batch, n, chunk, e))
+
+        def chunked(a: Array, width: int) -> Array:  # (..., n, chunk (G), width)
+            return xp.reshape(a, (*a.shape[:-2], n, a.shape[-2] // n, width))
+
+        qc, kc, vc = chunked(qf, m), chunked(kf, m), chunked(v1, e)
         sums = xp.matrix_transpose(kc) @ vc
         pre = xp.cumulative_sum(sums, axis=-3, include_initial=True)[..., :n, :, :]
         if kv0 is not None:
             pre = pre + kv0[..., None, :, :]
-        pos = xp.arange(chunk, device=device(qf))
-        lower = pos[:, None] >= pos[None, :]
+        lower = lower_mask(xp, chunk, group, qf)
         scores = xp.where(lower, qc @ xp.matrix_transpose(kc), 0.0)
         den = qc @ pre[..., e - 1 :] + xp.sum(scores, axis=-1, keepdims=True)
-        oc, gc = (xp.reshape(a, (*batch, n, chunk, a.shape[-1])) for a in (out, g))
+        oc, gc = chunked(out, out.shape[-1]), chunked(g, g.shape[-1])
         gh = _cotangent(xp, den, oc, gc, pre)
         mixed = xp.where(lower, gh @ xp.matrix_transpose(vc), 0.0)  # (g^_i . v1_j), j <= i
         contrib = xp.matrix_transpose(qc) @ gh
@@ -328,7 +340,7 @@ class Steps:
         dvc = kc @ suffix[..., : e - 1] + xp.matrix_transpose(scores) @ gh[..., : e - 1]
 
         def flat(a: Array) -> Array:
-            return xp.reshape(a, (*batch, rows, a.shape[-1]))
+            return xp.reshape(a, (*a.shape[:-3], a.shape[-3] * a.shape[-2], a.shape[-1]))
 
         dx = form.query_grad(xp, x, flat(dq) * qf)
         dy = form.key_grad(xp, y, flat(dk) * kf)

@@ -501,3 +501,38 @@ def test_numpy_causal_scores_recompute_the_rows_the_flush_changed(
     # float32 rounding of sums of <= 256 + 32 terms of one sign (gamma_n, relative)
     u = float(np.finfo(np.float32).eps)
     np.testing.assert_allclose(got, want, rtol=0, atol=2 * (rows + m) * u * np.abs(v).max())
+
+
+@pytest.mark.parametrize("config", ["standard eager", "standard vectorized", "registered"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["favor+", "default"])
+def test_grouped_query_heads_equal_repeated_key_heads(
+    backend: Backend, rng: np.random.Generator, config: str, causal: bool, kind: str
+) -> None:
+    # enable_gqa: query head h attends with key head h // G, key features once per key
+    # head; the result equals repeating the key heads. (A carried state: no statistics
+    # from the tokens, which grouped heads pool and repeated ones would not.)
+    a = backend.asarray
+    q = rng.standard_normal((2, 6, 37, 8)) / 2
+    k, v = rng.standard_normal((2, 2, 37, 8)) / 2, rng.standard_normal((2, 2, 37, 5))
+    mask = rng.random((2, 1, 37)) < 0.8
+    fmap = fc.PositiveFeatures(m=16, seed=3) if kind == "favor+" else None
+    kw = {"features": fmap, "causal": causal, "key_mask": a(mask), "chunk_size": 4}
+    if kind == "favor+":
+        kw["balance"] = False
+    state = fc.AttentionState(a(rng.random((2, 2, 16 if fmap else 256, 6))))
+    with registered(backend.xp, _configurations(backend.xp)[config]):
+        got, after = fc.favor_attention(a(q), a(k), a(v), enable_gqa=True, state=state,
+                                        return_state=True, **kw)  # fmt: skip
+    if kind == "default":  # causal: A = 0 and no balance, as the repeated call
+        kw["balance"] = False
+        kw["features"] = fc.resolve(None, causal=True)[0]
+    rep = lambda t: a(np.repeat(to_numpy(t), 3, axis=1))
+    want, want_after = fc.favor_attention(
+        a(q), rep(a(k)), rep(a(v)), state=fc.AttentionState(rep(state.kv)), return_state=True, **kw
+    )  # fmt: skip
+    np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-10, atol=1e-12)
+    # the state: each key head's sums once (the repeated heads hold copies)
+    np.testing.assert_allclose(
+        to_numpy(after.kv), to_numpy(want_after.kv)[:, ::3], rtol=1e-10, atol=1e-12
+    )

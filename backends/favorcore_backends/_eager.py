@@ -64,8 +64,9 @@ class Lib:
     fill_where: Callable[[Any, Any, float], None]
     #: ``e = max(e, floor)`` in place
     clamp_min: Callable[[Any, float], None]
-    #: the entries above the diagonal of each ``(c, c)`` matrix set to 0 in place
-    zero_future: Callable[[Any], None]
+    #: the future of each ``(c G, c)`` matrix of scores set to 0 in place (query row ``r``
+    #: is position ``r // G``)
+    zero_future: Callable[[Any, int], None]
     #: ``kf^T [v | 1]`` (a new array)
     key_sums: Callable[[Any, Any], Any]
     #: ``o += a @ b`` (``tmp``: a buffer of ``o``'s shape)
@@ -324,12 +325,12 @@ class EagerSteps(Steps):
             out[...] = result
             return out, small, kv
         lib, native, qf = self.lib, self.lib.native, self._queries(form, x)
-        (rows, m), dv = qf.shape, v.shape[1]
-        n, e = rows // chunk, dv + 1
+        (rows, m), dv = kf.shape, v.shape[1]
+        n, e, group = rows // chunk, dv + 1, qf.shape[0] // max(rows, 1)
         v1 = self.buffer("v1", rows, e, v)
         v1[:, :dv] = v
         v1[:, dv] = 1.0
-        qc, kc = qf.reshape(n, chunk, m), kf.reshape(n, chunk, m)
+        qc, kc = qf.reshape(n, chunk * group, m), kf.reshape(n, chunk, m)
         vc = v1.reshape(n, chunk, e)
         pre = self.buffer("prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
         native.matmul(xp.matrix_transpose(kc), vc, out=pre[1:])
@@ -340,13 +341,14 @@ class EagerSteps(Steps):
         steps = list(pre)  # (views made once, not 2 n indexings)
         for i in range(n):
             steps[i + 1] += steps[i]
-        scores = self.buffer("scores", rows, chunk, qf).reshape(n, chunk, chunk)
+        scores = self.buffer("scores", rows * group, chunk, qf).reshape(n, chunk * group, chunk)
         underflowed = self.scores(qc, kc, scores)
-        lib.zero_future(scores)
-        o = self.buffer("o", rows, e, qf)
-        oc = o.reshape(n, chunk, e)
+        lib.zero_future(scores, group)
+        o = self.buffer("o", rows * group, e, qf)
+        oc = o.reshape(n, chunk * group, e)
         native.matmul(qc, pre[:n], out=oc)
-        lib.add_product(oc, scores, vc, self.buffer("intra", rows, e, qf).reshape(n, chunk, e))
+        intra = self.buffer("intra", rows * group, e, qf).reshape(n, chunk * group, e)
+        lib.add_product(oc, scores, vc, intra)
         if underflowed:
             self.rescore(qc, kc, vc, pre, oc)
         kv = xp.asarray(pre[n], copy=True)

@@ -12,6 +12,7 @@ Other maps are differentiated by autograd through the standard operations.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import array_api_compat.torch as xp_torch
@@ -37,13 +38,24 @@ def _key_sums(kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([(v.T @ kf).T, (ones @ kf)[:, None]], dim=1)
 
 
+@functools.lru_cache(maxsize=8)
+def _future(c: int, group: int, device: torch.device) -> torch.Tensor:
+    """``(c G, c)`` boolean: True where the key comes after the query row's position."""
+    pos = torch.arange(c * group, device=device) // group
+    return torch.arange(c, device=device)[None, :] > pos[:, None]
+
+
 TORCH = Lib(
     xp=xp_torch,
     native=torch,
     sq_norms=_sq_norms,
     fill_where=lambda a, cond, value: a.masked_fill_(cond, value),
     clamp_min=lambda e, floor: e.clamp_(min=floor),
-    zero_future=lambda scores: scores.tril_(),
+    zero_future=lambda scores, group: (
+        scores.tril_()
+        if group == 1
+        else scores.masked_fill_(_future(scores.shape[-1], group, scores.device), 0.0)
+    ),
     key_sums=_key_sums,
     add_product=lambda o, a, b, tmp: o.baddbmm_(a, b),
     on_host=lambda a: a.device.type == "cpu",

@@ -43,14 +43,14 @@ def _sq_norms(y: np.ndarray, out: np.ndarray) -> None:
     np.einsum("ij,ij->i", y, y, out=out)
 
 
-def _zero_future(scores: np.ndarray) -> None:
-    np.copyto(scores, 0.0, where=_future(scores.shape[-1]))
+def _zero_future(scores: np.ndarray, group: int) -> None:
+    np.copyto(scores, 0.0, where=_future(scores.shape[-1], group))
 
 
 @functools.lru_cache(maxsize=8)
-def _future(c: int) -> np.ndarray:
-    """``(c, c)`` boolean: True above the diagonal (key after query)."""
-    return np.triu(np.ones((c, c), dtype=bool), 1)
+def _future(c: int, group: int) -> np.ndarray:
+    """``(c G, c)`` boolean: True where the key comes after the query row's position."""
+    return np.arange(c)[None, :] > (np.arange(c * group) // group)[:, None]
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,14 +136,15 @@ class NumpySteps(EagerSteps):
         others (every feature product of the row's keys in its chunk so small, and little
         before them) are recomputed from their chunk's prefix, exactly as without it.
         """
-        _, c, m = qc.shape
+        _, cg, m = qc.shape
+        c = kc.shape[1]
         info = np.finfo(qc.dtype)
         limit = c * m * float(info.smallest_normal) / float(info.eps)
         chunks, rows = np.nonzero(oc[:, :, -1] < limit)
         for i in np.unique(chunks):
             r = rows[chunks == i]
             s = qc[i, r] @ kc[i].T
-            s[np.arange(c) > r[:, None]] = 0.0  # the keys after each row
+            s[np.arange(c) > (r // (cg // c))[:, None]] = 0.0  # the keys after each row
             oc[i, r] = qc[i, r] @ pre[i] + s @ vc[i]
 
 
