@@ -1,22 +1,23 @@
 r"""The schedule: one way to run attention block by block, for every namespace and map.
 
-The rows are cut into **blocks** (:meth:`Steps.blocks`), so that no ``L x m`` array of
-features is ever held and every pass over one stays in cache, and into **work items**: a
-group of batch rows (one row for eager adapters, every row at once for
-``Steps.vectorized``) and a segment of the sequence, ``Steps.workers`` segments when
-there are fewer groups than workers.
+The work is cut into **groups**: a batch row (eager adapters), every batch row at once
+(``Steps.vectorized``), or, in packed sequences, one segment (document) of one batch row.
+Each group's rows are cut into **blocks** (:meth:`Steps.blocks`), so that no ``L x m``
+array of features is ever held and every pass over one stays in cache, and into
+``Steps.workers`` **work items** (segments of it) when there are fewer groups than workers.
 
 * Bidirectional: each work item of keys sums ``phi(K_b)^T [V_b | 1]`` over its blocks
   (:meth:`Steps.keys`, :meth:`Steps.key_sums`); a group's sums (and a given state) are
   added; each work item of queries answers its blocks from them (:meth:`Steps.answer`).
   The backward pass runs the queries' blocks first (:meth:`Steps.answer_grad`: their
   cotangents and the sums' cotangent), then the keys' (:meth:`Steps.keys_grad`).
-* Causal: the segments before the last sum their keys first; their running totals are
-  the states the segments start from; each segment then runs its blocks in order
+* Causal: the work items before the last sum their keys first; their running totals are
+  the states the items start from; each item then runs its blocks in order
   (:meth:`Steps.causal`), carrying the state. A block is passed as its full chunks, then
   its last, shorter chunk (a *piece* each). The backward pass runs the pieces in reverse
   (:meth:`Steps.causal_grad`), from the states the forward started them from, carrying
-  the state's cotangent.
+  the state's cotangent. A row's first group starts from the given state; in packed
+  sequences every other group starts from none (the state resets where a document starts).
 
 Every operation goes through ``steps`` (one crossing per operation); nothing here knows
 a framework or a feature map.
@@ -36,24 +37,40 @@ from .features import Form
 if TYPE_CHECKING:
     from .steps import Steps
 
-__all__ = ["Call", "backward", "flatten", "forward"]
+__all__ = ["Call", "Group", "backward", "flatten", "forward"]
 
-Piece = tuple[int, int, int]  # rows start:end of a causal piece, and its chunk length
+Piece = tuple[int, int, int]  # positions start:end of a causal piece, and its chunk length
 
 
-def _split(length: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
-    """``parts`` segments of ``0:length`` (bounds on multiples of ``align``)."""
+def _split(lo: int, hi: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``parts`` segments of ``lo:hi`` (bounds on multiples of ``align`` from ``lo``)."""
+    length = hi - lo
     parts = max(1, min(parts, -(-length // align)))
     bounds = [min(length, round(i * length / parts / align) * align) for i in range(parts)]
     bounds.append(length)
-    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a] or [(0, 0)]
+    segs = [(lo + a, lo + b) for a, b in itertools.pairwise(bounds) if b > a]
+    return segs or [(lo, lo)]
 
 
 def _pieces(lo: int, hi: int, chunk: int) -> list[Piece]:
-    """Rows ``lo:hi`` as ``(start, end, chunk)``: the full chunks, then the rest."""
+    """Positions ``lo:hi`` as ``(start, end, chunk)``: the full chunks, then the rest."""
     split = lo + (hi - lo) // chunk * chunk
     out = [(lo, split, chunk)] if split > lo else []
     return out + ([(split, hi, hi - split)] if hi > split else [])
+
+
+@dataclass(frozen=True)
+class Group:
+    """A unit of the schedule: a batch row (None: every row at once), the positions of its
+    queries and keys, its form (an index into the call's per-segment forms, or None: the
+    row's), and whether it starts from the given state and ends the row."""
+
+    row: int | None
+    q: tuple[int, int]
+    k: tuple[int, int]
+    form: int | None = None
+    first: bool = True
+    last: bool = True
 
 
 @dataclass
@@ -62,7 +79,9 @@ class Call:
 
     ``x``, ``y``, ``v`` are the queries, keys and values (unscaled, compute dtype),
     ``mask`` the keys' ``(n_rows, Lk, 1)`` mask or None, ``kv0`` a state
-    ``(n_rows, m, dv + 1)`` or None, ``form`` the feature map's form of the call.
+    ``(n_rows, m, dv + 1)`` or None, ``form`` the feature map's form of the call (with a
+    leading dimension of segments when ``packed`` groups have forms of their own);
+    ``group`` query rows per key row (grouped-query attention, interleaved by position).
     """
 
     xp: ModuleType
@@ -77,47 +96,55 @@ class Call:
     causal: bool
     m: int
     batch: tuple[int, ...] = field(default=())
-    group: int = 1  # query rows per key row in causal calls (grouped-query attention)
+    group: int = 1
+    packed: list[Group] | None = None
 
     def with_arrays(self, **arrays: Any) -> Call:
         """The call with other arrays (the same blocks, form and settings)."""
         return Call(**{**self.__dict__, **arrays})
 
-    def groups(self) -> list[int | None]:
-        """Batch rows one by one, or all at once (None)."""
-        return [None] if self.steps.vectorized else list(range(self.x.shape[0]))
+    def groups(self) -> list[Group]:
+        if self.packed is not None:
+            return self.packed
+        lq, lk = self.x.shape[-2] // self.group, self.y.shape[-2]
+        rows: list[int | None] = [None] if self.steps.vectorized else list(range(self.x.shape[0]))
+        return [Group(r, (0, lq), (0, lk)) for r in rows]
 
-    def form_of(self, g: int | None) -> Form:
-        return self.form if g is None else self.form.select(g)
+    def form_of(self, g: Group) -> Form:
+        if g.form is not None:
+            return self.form.select(g.form)
+        return self.form if g.row is None else self.form.select(g.row)
 
     @staticmethod
-    def rows(a: Array, g: int | None, lo: int, hi: int) -> Array:
-        return a[:, lo:hi, :] if g is None else a[g, lo:hi, :]
+    def rows(a: Array, g: Group, lo: int, hi: int) -> Array:
+        return a[:, lo:hi, :] if g.row is None else a[g.row, lo:hi, :]
 
-    def query_rows(self, a: Array, g: int | None, lo: int, hi: int) -> Array:
+    def query_rows(self, a: Array, g: Group, lo: int, hi: int) -> Array:
         """The query rows (of ``x``, the output, its cotangent) of positions ``lo:hi``."""
         return self.rows(a, g, lo * self.group, hi * self.group)
 
-    def of(self, a: Array | None, g: int | None) -> Array | None:
-        """Group ``g``'s part of a ``(n_rows, ...)`` array."""
-        return a if a is None or g is None else a[g, ...]
+    def state(self, a: Array | None, g: Group) -> Array | None:
+        """The group's part of a ``(n_rows, m, dv + 1)`` state if it is the row's first."""
+        if a is None or not g.first:
+            return None
+        return a if g.row is None else a[g.row, ...]
 
-    def zeros(self, g: int | None) -> Array:
-        lead = (self.x.shape[0],) if g is None else ()
+    def zeros(self, g: Group) -> Array:
+        lead = (self.x.shape[0],) if g.row is None else ()
         shape = (*lead, self.m, self.v.shape[-1] + 1)
         return self.xp.zeros(shape, dtype=self.x.dtype, device=device(self.x))
 
-    def keep(self, g: int | None, lo: int, hi: int) -> Array | None:
+    def keep(self, g: Group, lo: int, hi: int) -> Array | None:
         return None if self.mask is None else self.rows(self.mask, g, lo, hi)
 
-    def keys(self, g: int | None, form: Form, lo: int, hi: int) -> tuple[Array, Array]:
+    def keys(self, g: Group, form: Form, lo: int, hi: int) -> tuple[Array, Array]:
         y, v = self.rows(self.y, g, lo, hi), self.rows(self.v, g, lo, hi)
         return self.steps.keys(self.xp, form, y, v, self.keep(g, lo, hi))
 
     def blocks(self, a: Array, lo: int, hi: int) -> list[tuple[int, int]]:
         return self.steps.blocks(a, lo, hi, self.chunk if self.causal else None)
 
-    def key_sums(self, item: tuple[int | None, int, int]) -> Array | None:
+    def key_sums(self, item: tuple[Group, int, int]) -> Array | None:
         """The sums of a work item's keys (None: it has none)."""
         g, lo, hi = item
         form, total = self.form_of(g), None
@@ -126,22 +153,43 @@ class Call:
             total = part if total is None else total + part
         return total
 
-    def segments(self, length: int) -> list[tuple[int, int]]:
+    def items(self, g: Group, span: tuple[int, int]) -> list[tuple[int, int]]:
+        """The work items of one group's ``span`` of positions."""
         parts = max(1, -(-self.steps.workers // len(self.groups())))
-        return _split(length, parts, align=self.chunk if self.causal else 1)
+        return _split(*span, parts, align=self.chunk if self.causal else 1)
 
     def join(self, per_group: list[list[Array]], width: int, dtype: Any) -> Array:
-        """Each group's block results along the rows, the groups stacked: ``(n_rows, L, width)``."""
-        xp, lead = self.xp, (self.x.shape[0],) if self.steps.vectorized else ()
-        rows = [
-            xp.zeros((*lead, 0, width), dtype=dtype, device=device(self.x)) if not pieces
-            else pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
-            for pieces in per_group
-        ]  # fmt: skip
-        return rows[0] if self.steps.vectorized else xp.stack(rows)
+        """The groups' block results along the rows, the batch rows stacked:
+        ``(n_rows, L, width)``."""
+        xp, groups = self.xp, self.groups()
+        if groups and groups[0].row is None:
+            return _concat(xp, per_group[0], (self.x.shape[0], 0, width), dtype, self.x)
+        by_row: dict[int, list[Array]] = {}
+        for g, pieces in zip(groups, per_group, strict=True):
+            assert g.row is not None
+            by_row.setdefault(g.row, []).extend(pieces)
+        return xp.stack([_concat(xp, by_row.get(r, []), (0, width), dtype, self.x)
+                         for r in range(self.x.shape[0])])  # fmt: skip
 
-    def stack(self, per_group: list[Array]) -> Array:
-        return per_group[0] if self.steps.vectorized else self.xp.stack(per_group)
+    def per_row(self, per_group: list[Array], first: bool = False) -> Array:
+        """One state per batch row: the last (or ``first``) group's of each row."""
+        groups = self.groups()
+        if groups and groups[0].row is None:
+            return per_group[0]
+        pick = {
+            g.row: a
+            for g, a in zip(groups, per_group, strict=True)
+            if (g.first if first else g.last)
+        }
+        return self.xp.stack([pick[r] for r in range(self.x.shape[0])])
+
+
+def _concat(
+    xp: ModuleType, pieces: list[Array], empty: tuple[int, ...], dtype: Any, like: Array
+) -> Array:
+    if not pieces:
+        return xp.zeros(empty, dtype=dtype, device=device(like))
+    return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-2)
 
 
 def flatten(
@@ -159,10 +207,11 @@ def flatten(
     batch: tuple[int, ...],
     m: int,
     group: int = 1,
+    packed: list[Group] | None = None,
 ) -> Call:
     """The :class:`Call` of rows ``x``, ``y``, ``v`` broadcasting to ``batch`` (``mask``
     ``(..., Lk, 1)``, ``kv0`` ``batch + (m, dv + 1)``; ``group`` query rows per key row,
-    interleaved by position, in causal calls)."""
+    interleaved by position; ``packed`` the groups of packed sequences)."""
     from .steps import Steps
 
     n_rows = math.prod(batch)
@@ -178,20 +227,23 @@ def flatten(
         xp, steps, form.flatten(batch), flat(x, lq), flat(y, lk), flat(v, lk),
         None if mask is None else flat(mask, lk),
         None if kv0 is None else xp.reshape(kv0, (n_rows, *kv0.shape[-2:])),
-        chunk, causal, m, batch, group,
+        chunk, causal, m, batch, group, packed,
     )  # fmt: skip
 
 
 # -- forward -------------------------------------------------------------------------------
 
 Pieces = list[tuple[Array, Array]]  # (result, small) of each block of a group, in order
+#: what the backward pass needs of the forward, per group: causal, its pieces and the
+#: states they started from; bidirectional, the sums it answered from
+States = list[Any]
 
 
-def forward(call: Call) -> tuple[Array, Array, Array, list[list[tuple[Piece, Array | None]]]]:
+def forward(call: Call) -> tuple[Array, Array, Array, States]:
     """``(out, kv, small, states)``, flattened: normalised attention in the compute dtype,
-    the state after the call, the rows whose normaliser was at most the smallest normal
-    number (their output is 0), and (causal) each group's pieces with the state each
-    started from, for :func:`backward`."""
+    the state after the call (each row's last group's), the rows whose normaliser was at
+    most the smallest normal number (their output is 0), and (causal) each group's pieces
+    with the state each started from, for :func:`backward`."""
     xp, lq, dv = call.xp, call.x.shape[-2], call.v.shape[-1]
     dest = call.steps.output(xp, (call.x.shape[0], lq, dv), call.x)
     per_group, kv, states = (_causal if call.causal else _bidirectional)(call, dest)
@@ -201,169 +253,173 @@ def forward(call: Call) -> tuple[Array, Array, Array, list[list[tuple[Piece, Arr
     return dest, kv, small, states
 
 
-def _into(dest: Array | None, g: int | None, lo: int, hi: int) -> Array | None:
-    return None if dest is None else Call.rows(dest, g, lo, hi)
-
-
-def _query_into(call: Call, dest: Array | None, g: int | None, lo: int, hi: int) -> Array | None:
+def _into(call: Call, dest: Array | None, g: Group, lo: int, hi: int) -> Array | None:
     return None if dest is None else call.query_rows(dest, g, lo, hi)
 
 
-def _group_totals(call: Call, partial: list[Array | None], per: int) -> list[Array]:
-    """Each group's given state plus its ``per`` partial sums."""
-    totals = []
-    for i, g in enumerate(call.groups()):
-        total = call.of(call.kv0, g)
-        for part in partial[i * per : (i + 1) * per]:
+def _totals(
+    call: Call, start: list[Array | None], partial: list[Array | None], counts: list[int]
+) -> list[Array]:
+    """Each group's starting state plus its partial sums (``counts`` of them per group)."""
+    totals, i = [], 0
+    for g, begin, n in zip(call.groups(), start, counts, strict=True):
+        total = begin
+        for part in partial[i : i + n]:
             if part is not None:
                 total = part if total is None else total + part
+        i += n
         totals.append(call.zeros(g) if total is None else total)
     return totals
 
 
-def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, list[Any]]:
+def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States]:
     steps, groups = call.steps, call.groups()
-    k_segs, q_segs = call.segments(call.y.shape[-2]), call.segments(call.x.shape[-2])
-    partial = steps.map(call.key_sums, [(g, lo, hi) for g in groups for lo, hi in k_segs])
-    totals = _group_totals(call, partial, len(k_segs))
+    k_items = [[(g, lo, hi) for lo, hi in call.items(g, g.k)] for g in groups]
+    partial = steps.map(call.key_sums, list(itertools.chain(*k_items)))
+    totals = _totals(
+        call, [call.state(call.kv0, g) for g in groups], partial, [len(i) for i in k_items]
+    )
 
-    def answer(item: tuple[int, int | None, int, int]) -> Pieces:
-        i, g, lo, hi = item
-        form = call.form_of(g)
-        return [
-            steps.answer(call.xp, form, call.rows(call.x, g, s, e), totals[i], _into(dest, g, s, e))
-            for s, e in call.blocks(call.x, lo, hi)
-        ]
+    def answer(item: tuple[int, int, int]) -> Pieces:
+        i, lo, hi = item
+        g = groups[i]
+        form, pieces = call.form_of(g), []
+        for s, e in call.blocks(call.x, lo, hi):
+            x, into = call.query_rows(call.x, g, s, e), _into(call, dest, g, s, e)
+            pieces.append(steps.answer(call.xp, form, x, totals[i], into))
+        return pieces
 
-    answers = steps.map(answer, [(i, g, lo, hi) for i, g in enumerate(groups) for lo, hi in q_segs])
-    n = len(q_segs)
-    per_group = [list(itertools.chain(*answers[i * n : (i + 1) * n])) for i in range(len(groups))]
-    return per_group, call.stack(totals), []
+    q_items = [[(i, lo, hi) for lo, hi in call.items(g, g.q)] for i, g in enumerate(groups)]
+    answers = steps.map(answer, list(itertools.chain(*q_items)))
+    per_group, i = [], 0
+    for items in q_items:
+        per_group.append(list(itertools.chain(*answers[i : i + len(items)])))
+        i += len(items)
+    return per_group, call.per_row(totals), totals
 
 
-def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, list[Any]]:
+def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States]:
     steps, groups = call.steps, call.groups()
-    segs = call.segments(call.y.shape[-2])
-    before = [(g, lo, hi) for g in groups for lo, hi in segs[:-1]]
+    items = [call.items(g, g.q) for g in groups]
+    before = [(g, lo, hi) for g, its in zip(groups, items, strict=True) for lo, hi in its[:-1]]
     partial = steps.map(call.key_sums, before) if before else []
-    starts: list[list[Array | None]] = []
-    for i, g in enumerate(groups):
-        run, seg_starts = call.of(call.kv0, g), []
-        for j in range(len(segs)):
-            seg_starts.append(run)
-            part = partial[i * (len(segs) - 1) + j] if j < len(segs) - 1 else None
-            run = part if run is None else (run if part is None else run + part)
-        starts.append(seg_starts)
+    starts: list[Array | None] = []  # each work item's starting state, in order
+    i = 0
+    for g, its in zip(groups, items, strict=True):
+        run = call.state(call.kv0, g)
+        for j in range(len(its)):
+            starts.append(run)
+            if j < len(its) - 1:
+                part = partial[i]
+                i += 1
+                run = part if run is None else (run if part is None else run + part)
 
     def segment(
-        item: tuple[int, int | None, int, int, int],
+        item: tuple[Group, int, int, Array | None],
     ) -> tuple[Pieces, list[Any], Array | None]:
-        i, g, j, lo, hi = item
-        form, state, pieces, started = call.form_of(g), starts[i][j], [], []
+        g, lo, hi, state = item
+        form, pieces, started = call.form_of(g), [], []
         for s, e in call.blocks(call.y, lo, hi):
             kf, vb = call.keys(g, form, s, e)
             for a, b, c in _pieces(s, e, call.chunk):
                 started.append(((a, b, c), state))
                 result, small, state = steps.causal(
                     call.xp, form, call.query_rows(call.x, g, a, b), kf[..., a - s : b - s, :],
-                    vb[..., a - s : b - s, :], state, c, _query_into(call, dest, g, a, b),
+                    vb[..., a - s : b - s, :], state, c, _into(call, dest, g, a, b),
                 )  # fmt: skip
                 pieces.append((result, small))
         return pieces, started, state
 
-    items = [(i, g, j, lo, hi) for i, g in enumerate(groups) for j, (lo, hi) in enumerate(segs)]
-    results = steps.map(segment, items)
-    n = len(segs)
-    per_group, states, totals = [], [], []
-    for i, g in enumerate(groups):
-        mine = results[i * n : (i + 1) * n]
+    flat_items = [(g, lo, hi) for g, its in zip(groups, items, strict=True) for lo, hi in its]
+    results = steps.map(segment, [(*it, st) for it, st in zip(flat_items, starts, strict=True)])
+    per_group, states, totals, i = [], [], [], 0
+    for g, its in zip(groups, items, strict=True):
+        mine = results[i : i + len(its)]
+        i += len(its)
         per_group.append(list(itertools.chain(*(p for p, _, _ in mine))))
         states.append(list(itertools.chain(*(st for _, st, _ in mine))))
         totals.append(call.zeros(g) if mine[-1][2] is None else mine[-1][2])
-    return per_group, call.stack(totals), states
+    return per_group, call.per_row(totals), states
 
 
 # -- backward ------------------------------------------------------------------------------
 
 
 def backward(
-    call: Call,
-    out: Array,
-    kv: Array,
-    states: list[list[tuple[Piece, Array | None]]],
-    g: Array,
-    dkv: Array | None,
+    call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
 ) -> tuple[Array, Array, Array, Array | None]:
     """The vector-Jacobian product of :func:`forward` (flattened): ``(dx, dy, dv, dkv0)``
     from the cotangents ``g`` of ``out`` and ``dkv`` of the returned state (None: 0), with
     ``out``, ``kv`` and ``states`` as :func:`forward` returned them. ``dkv0`` is None when
     the call had no state. Statistics and the projection are constants."""
-    dx, dy, dv, dkv0 = (_causal_grad if call.causal else _bidirectional_grad)(
-        call, out, kv, states, g, dkv
-    )
+    grads = (_causal_grad if call.causal else _bidirectional_grad)(call, out, kv, states, g, dkv)
+    dx, dy, dv, dkv0 = grads
     return dx, dy, dv, (dkv0 if call.kv0 is not None else None)
 
 
-def _bidirectional_grad(
-    call: Call, out: Array, kv: Array, states: Any, g: Array, dkv: Array | None
-) -> tuple[Array, Array, Array, Array]:
-    steps, groups, xp = call.steps, call.groups(), call.xp
-    q_segs, k_segs = call.segments(call.x.shape[-2]), call.segments(call.y.shape[-2])
+def _row_state(call: Call, a: Array | None, g: Group) -> Array | None:
+    """The row's part of the returned state's cotangent, for the row's last group."""
+    if a is None or not g.last:
+        return None
+    return a if g.row is None else a[g.row, ...]
 
-    def queries(item: tuple[int | None, int, int]) -> tuple[list[Array], Array | None]:
-        grp, lo, hi = item
-        form, kv_g, grads, total = call.form_of(grp), call.of(kv, grp), [], None
+
+def _bidirectional_grad(
+    call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
+) -> tuple[Array, Array, Array, Array]:
+    steps, groups, xp, sums_of = call.steps, call.groups(), call.xp, states
+
+    def queries(item: tuple[int, int, int]) -> tuple[list[Array], Array | None]:
+        i, lo, hi = item
+        grp = groups[i]
+        form, grads, total = call.form_of(grp), [], None
         for s, e in call.blocks(call.x, lo, hi):
-            rows = (call.rows(a, grp, s, e) for a in (call.x, out, g))
-            dx, part = steps.answer_grad(xp, form, next(rows), kv_g, next(rows), next(rows))
+            x, o, gg = (call.query_rows(a, grp, s, e) for a in (call.x, out, g))
+            dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg)
             grads.append(dx)
             total = part if total is None else total + part
         return grads, total
 
-    first = steps.map(queries, [(grp, lo, hi) for grp in groups for lo, hi in q_segs])
-    sums = []
-    for i, grp in enumerate(groups):
-        total = call.of(dkv, grp)
-        for _, part in first[i * len(q_segs) : (i + 1) * len(q_segs)]:
-            if part is not None:
-                total = part if total is None else total + part
-        sums.append(call.zeros(grp) if total is None else total)
+    q_items = [[(i, lo, hi) for lo, hi in call.items(grp, grp.q)] for i, grp in enumerate(groups)]
+    first = steps.map(queries, list(itertools.chain(*q_items)))
+    counts = [len(i) for i in q_items]
+    sums = _totals(
+        call, [_row_state(call, dkv, grp) for grp in groups], [p for _, p in first], counts
+    )
 
-    def keys(item: tuple[int, int | None, int, int]) -> list[tuple[Array, Array]]:
-        i, grp, lo, hi = item
+    def keys(item: tuple[int, int, int]) -> list[tuple[Array, Array]]:
+        i, lo, hi = item
+        grp = groups[i]
         form, grads = call.form_of(grp), []
         for s, e in call.blocks(call.y, lo, hi):
             y, v = call.rows(call.y, grp, s, e), call.rows(call.v, grp, s, e)
             grads.append(steps.keys_grad(xp, form, y, v, call.keep(grp, s, e), sums[i]))
         return grads
 
-    second = steps.map(
-        keys, [(i, grp, lo, hi) for i, grp in enumerate(groups) for lo, hi in k_segs]
-    )
-    nq, nk = len(q_segs), len(k_segs)
-    dxs = [
-        list(itertools.chain(*(d for d, _ in first[i * nq : (i + 1) * nq])))
-        for i in range(len(groups))
-    ]
-    dkeys = [list(itertools.chain(*second[i * nk : (i + 1) * nk])) for i in range(len(groups))]
+    k_items2 = [[(i, lo, hi) for lo, hi in call.items(grp, grp.k)] for i, grp in enumerate(groups)]
+    second = steps.map(keys, list(itertools.chain(*k_items2)))
+    dxs, dkeys, i, j = [], [], 0, 0
+    for qi, ki in zip(q_items, k_items2, strict=True):
+        dxs.append(list(itertools.chain(*(d for d, _ in first[i : i + len(qi)]))))
+        dkeys.append(list(itertools.chain(*second[j : j + len(ki)])))
+        i, j = i + len(qi), j + len(ki)
     dt, d, dv = call.x.dtype, call.x.shape[-1], call.v.shape[-1]
     return (
         call.join(dxs, d, dt),
         call.join([[a for a, _ in p] for p in dkeys], d, dt),
         call.join([[b for _, b in p] for p in dkeys], dv, dt),
-        call.stack(sums),
+        call.per_row(sums, first=True),  # the given state entered the row's first group
     )
 
 
 def _causal_grad(
-    call: Call, out: Array, kv: Array, states: list[list[tuple[Piece, Array | None]]],
-    g: Array, dkv: Array | None,
-) -> tuple[Array, Array, Array, Array]:  # fmt: skip
+    call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
+) -> tuple[Array, Array, Array, Array]:
     steps, groups, xp = call.steps, call.groups(), call.xp
 
     def one_group(i: int) -> tuple[list[Array], list[Array], list[Array], Array | None]:
         grp = groups[i]
-        form, carried = call.form_of(grp), call.of(dkv, grp)
+        form, carried = call.form_of(grp), _row_state(call, dkv, grp)
         dxs, dys, dvs = [], [], []
         for (a, b, c), state in reversed(states[i]):
             x, out_p, g_p = (call.query_rows(t, grp, a, b) for t in (call.x, out, g))
@@ -378,14 +434,12 @@ def _causal_grad(
 
     results = steps.map(one_group, list(range(len(groups))))
     dt, d, dv = call.x.dtype, call.x.shape[-1], call.v.shape[-1]
+    starts = [
+        call.zeros(grp) if r[3] is None else r[3] for grp, r in zip(groups, results, strict=True)
+    ]
     return (
         call.join([r[0] for r in results], d, dt),
         call.join([r[1] for r in results], d, dt),
         call.join([r[2] for r in results], dv, dt),
-        call.stack(
-            [
-                call.zeros(grp) if r[3] is None else r[3]
-                for grp, r in zip(groups, results, strict=True)
-            ]
-        ),
+        call.per_row(starts, first=True),  # the given state entered the row's first group
     )

@@ -536,3 +536,67 @@ def test_grouped_query_heads_equal_repeated_key_heads(
     np.testing.assert_allclose(
         to_numpy(after.kv), to_numpy(want_after.kv)[:, ::3], rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("framework", ["numpy"])  # (PyTorch takes every row's exact max)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("weak_rows", [0, 1, 20])
+def test_trusted_bound_is_checked_after_the_products(
+    monkeypatch: pytest.MonkeyPatch, framework: str, causal: bool, weak_rows: int
+) -> None:
+    # The eager adapters trust their bound shift for rows beyond the norm limit when the
+    # largest-norm ones (the probe) are within GAP of it, and check the others after the
+    # products through their normaliser. Here the probe rows are aligned with the longest
+    # projection row (exponent ~ the bound) and rows of smaller norm are anti-aligned with
+    # every row (exponents ~ 1.5 |x| R below the bound: their float32 features underflow to
+    # 0 with the bound shift). They must be caught and recomputed with the exact row max:
+    # those rows alone (causal too), or the whole causal block once they are more than an
+    # eighth of it.
+    eager = pytest.importorskip("favorcore_backends._eager")
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        steps, wrap = (
+            pytest.importorskip("favorcore_backends._torch_steps").TorchSteps(),
+            torch.from_numpy,
+        )
+        import array_api_compat.torch as xp
+    else:
+        steps, wrap = (
+            pytest.importorskip("favorcore_backends.numpy").NumpySteps(workers=1),
+            np.asarray,
+        )
+        import array_api_compat.numpy as xp
+    rng = np.random.default_rng(5)
+    d, m, n = 16, 4, 100
+    fmap = fc.PositiveFeatures(m=m, seed=0)
+    w = fmap.feature_matrix(d)  # (m, d)
+    lengths = np.linalg.norm(w, axis=1)
+    s = 80.0 / lengths.max()  # ~ -1.5 * 80 = -120 below the bound for the weak rows
+    q = rng.standard_normal((1, 1, n, d)) * 0.05
+    q[0, 0, :20] = 2 * s * w[np.argmax(lengths)] / lengths.max()  # the probe: aligned
+    u = (w / lengths[:, None]).sum(axis=0)
+    q[0, 0, 50 : 50 + weak_rows] = -s * u / np.linalg.norm(u)  # every w . x < 0
+    k, v = rng.standard_normal((1, 1, n, d)) * 0.3, rng.standard_normal((1, 1, n, d))
+    q, k, v = (wrap(a.astype(np.float32)) for a in (q, k, v))
+    calls = []
+    exact = eager.EagerSteps._exact
+    monkeypatch.setattr(
+        eager.EagerSteps, "_exact", lambda self, f, x: calls.append(x.shape[0]) or exact(self, f, x)
+    )
+    kw = {"features": fmap, "causal": causal, "balance": False, "scale": 1.0}
+    with registered(xp, steps):
+        got = to_numpy(fc.favor_attention(q, k, v, **kw))
+    with fc.fast_paths(False):
+        plain = to_numpy(fc.favor_attention(q, k, v, **kw))
+    # causal: the block's first piece (64 rows: full chunks) holds 14 of the 20 weak rows,
+    # more than an eighth: recomputed whole; its last piece (36 rows) holds only weak rows
+    # beyond the limit, which fail the probe and take the exact max up front
+    want = [] if not weak_rows else [64] if causal and weak_rows > 1 else [weak_rows]
+    assert calls == want
+    # float32 sums over 100 keys and 4 features in another order: the gamma_n bound,
+    # 2 (n + m) u max|v| (times 4 for the division); the weak rows' outputs would be 0 (an
+    # underflowed normaliser) without the check: errors of order 1
+    u = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(
+        got, plain, rtol=0, atol=2 * (n + m) * u * np.abs(to_numpy(v)).max() * 4
+    )

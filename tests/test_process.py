@@ -105,9 +105,11 @@ def _concurrent(fn, n: int) -> list[object]:
 def test_twelve_threads_at_once_give_the_serial_result(
     backend: Backend, mode: str, causal: bool
 ) -> None:
-    if backend.name not in ("numpy", "array_api_strict"):
-        pytest.skip("bit for bit on NumPy and array-api-strict (other frameworks' kernels "
-                    "choose their own reduction order)")  # fmt: skip
+    # bit for bit on NumPy and array-api-strict; PyTorch and JAX within their own kernels'
+    # determinism (their intra-op threads may split reductions as they please): float32
+    # rounding of the sums, gamma_n with n = 1500 keys and 64 features, relative
+    exact = backend.name in ("numpy", "array_api_strict")
+    tol = 0.0 if exact else 2 * (1500 + 64) * float(np.finfo(np.float32).eps)
     q, k, v = (backend.asarray(a, backend.xp.float32) for a in _inputs(1500))
     calls = [  # FAVOR+, and the default estimator (its balance and A from the call's tokens)
         lambda: fc.favor_attention(q, k, v, features=FMAP, causal=causal),
@@ -119,7 +121,7 @@ def test_twelve_threads_at_once_give_the_serial_result(
         got = _concurrent(lambda: [to_numpy(c()) for c in calls], 12)
     for result in got:
         for a, b in zip(result, serial, strict=True):  # type: ignore[call-overload]
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=tol, atol=0)
     assert _blas_threads() == blas  # and the process's BLAS is as it was
     assert not _favorcore_threads()
 

@@ -47,6 +47,8 @@ __all__ = ["GAP", "EagerSteps", "Lib", "norm_limit"]
 #: query rows whose largest exponent may fall more than GAP below the bound take the
 #: exact row max (``exp(-GAP)`` is far above the smallest normal number of float32)
 GAP = 40.0
+#: rows beyond the norm limit looked at (the largest norms) before the bound is trusted
+PROBE = 8
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,13 @@ class Lib:
     key_sums: Callable[[Any, Any], Any]
     #: ``o += a @ b`` (``tmp``: a buffer of ``o``'s shape)
     add_product: Callable[[Any, Any, Any, Any], None]
+    #: ``out = x @ w + b`` (``b`` a row), returned
+    affine: Callable[[Any, Any, Any, Any], Any]
     #: whether the array lives in host memory (its values can be read cheaply)
     on_host: Callable[[Any], bool]
+    #: queries shifted by the bound from their norms (instead of their row max, which
+    #: costs a framework with cheap reductions no more than the bound's own steps)
+    bound_queries: bool = True
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,12 +210,12 @@ class EagerSteps(Steps):
             xp, query, bias = self.lib.xp, form.query, form.query_bias
             ones = xp.ones((1, query.shape[-1]), dtype=query.dtype, device=query.device)
             matrix = xp.concat([query, bias, ones], axis=0)
-            if self.lib.on_host(query) and query.shape[-1]:
+            if self.lib.bound_queries and self.lib.on_host(query) and query.shape[-1]:
                 norms = np.sqrt(np.asarray(_host(xp.sum(query * query, axis=0)), np.float64))
                 c = np.asarray(_host(bias[0, :]), np.float64)
                 form.memo["queries"] = _Queries(matrix, float(norms.max()), float(c.max()),
                                                 float(c.max() - c.min()), norm_limit(norms, c))  # fmt: skip
-            else:  # every row takes its exact max
+            else:  # every row takes its exact max (no bound, no reading back)
                 form.memo["queries"] = _Queries(matrix, math.inf, 0.0, 0.0, -math.inf)
         queries: _Queries = form.memo["queries"]
         return queries
@@ -236,8 +243,8 @@ class EagerSteps(Steps):
         lib, consts = self.lib, self._key_constants(form)
         rows, d = y.shape
         if form.transform is not None:
-            y = lib.native.matmul(y, form.transform, out=self.buffer("kt", rows, d, y))
-            lib.native.subtract(y, form.shift, out=y)
+            assert form.shift is not None
+            y = lib.affine(y, form.transform, -form.shift[0], self.buffer("kt", rows, d, y))
         aug = self.buffer("k_in", rows, d + 2, y)
         aug[:, :d] = y
         lib.sq_norms(y, aug[:, d])
@@ -261,37 +268,62 @@ class EagerSteps(Steps):
     def key_sums(self, xp: ModuleType, kf: Any, v: Any) -> Any:
         return self.lib.key_sums(kf, v)
 
-    def _queries(self, form: Exponent, x: Any) -> Any:
-        """Queries' features in this thread's buffer: the bound shift, or the exact row
-        max for rows beyond the norm limit (every row of the block once they are more
-        than an eighth of it: gathering them costs more)."""
+    def _queries(self, form: Exponent, x: Any) -> tuple[Any, Any]:
+        """``(phi(Q_b), trusted)``: queries' features in this thread's buffer, shifted by
+        the bound; rows beyond the norm limit take the exact row max unless the largest
+        of them (``PROBE``) are within ``GAP`` of the bound: then they keep it and are
+        returned as ``trusted``, for :meth:`_weak` to check after the products. (The
+        exact max goes to every row of the block once they are more than an eighth of
+        it: gathering them costs more.)"""
         lib, xp, consts = self.lib, self.lib.xp, self._query_constants(form)
         rows, d = x.shape
+        out = self.buffer("q", rows, consts.matrix.shape[1], x)
+        if not math.isfinite(consts.radius):
+            # every row its exact max, and no flush: with the max out, queries reach
+            # denormal features only at norms far beyond those that keys reach them at
+            e = lib.affine(x, consts.matrix[:d], consts.matrix[d], out)
+            lib.native.subtract(e, xp.max(e, axis=1, keepdims=True), out=e)
+            return lib.native.exp(e, out=e), None
         aug = self.buffer("q_in", rows, d + 2, x)
         aug[:, :d] = x
         aug[:, d] = 1.0
         norm = aug[:, d + 1]
-        far: Any = None
-        lower = -math.inf
-        if math.isfinite(consts.radius):
-            lib.sq_norms(x, norm)
-            lib.native.sqrt(norm, out=norm)
-            far = xp.nonzero(norm >= consts.limit)[0]
-            if rows:  # every shifted exponent is >= -(2 |x| R + the bias's spread + 1)
-                lower = -(2 * float(xp.max(norm)) * consts.radius + consts.spread + 1.0)
-            norm *= -consts.radius
-            norm -= consts.top + 1.0
-        else:
-            norm[...] = 0.0
-        e = lib.native.matmul(
-            aug, consts.matrix, out=self.buffer("q", rows, consts.matrix.shape[1], x)
-        )
-        n_far = rows if far is None else far.shape[0]
+        lib.sq_norms(x, norm)
+        lib.native.sqrt(norm, out=norm)
+        far = xp.nonzero(norm >= consts.limit)[0]
+        probe = far[xp.argsort(norm[far])[-PROBE:]] if far.shape[0] else None
+        # every shifted exponent is >= -(2 |x| R + the bias's spread + 1)
+        lower = -(2 * float(xp.max(norm)) * consts.radius + consts.spread + 1.0) if rows else 0.0
+        norm *= -consts.radius
+        norm -= consts.top + 1.0
+        e = lib.native.matmul(aug, consts.matrix, out=out)
+        if probe is not None and float(xp.min(xp.max(e[probe], axis=1))) >= -GAP:
+            return self._exp(e, lower), far
+        n_far = far.shape[0]
         if n_far * 8 > rows:
             lib.native.subtract(e, xp.max(e, axis=1, keepdims=True), out=e)
         elif n_far:
             e[far] -= xp.max(e[far], axis=1, keepdims=True)
-        return self._exp(e, lower)
+        return self._exp(e, lower), None
+
+    def _exact(self, form: Exponent, x: Any) -> Any:
+        """Features of the rows ``x`` with the exact row max (a new array)."""
+        consts, d = self._query_constants(form), x.shape[1]
+        e = self.lib.affine(x, consts.matrix[:d], consts.matrix[d], None)
+        self.lib.native.subtract(e, self.lib.xp.max(e, axis=1, keepdims=True), out=e)
+        return self._exp(e, -math.inf)
+
+    def _weak(self, qf: Any, den: Any, trusted: Any, kv: Any) -> Any:
+        """The ``trusted`` rows whose largest feature is below ``exp(-GAP)`` (or NaN): the
+        bound was too far above them. Their normalisers ``den = qf . z`` pick the
+        candidates first (``den <= max(qf) sum(z)``, ``z = kv[:, -1]``: a row with
+        ``den >= exp(-GAP) sum(z)`` is not one); only those rows are read."""
+        xp = self.lib.xp
+        floor = math.exp(-GAP) * float(xp.sum(kv[:, -1]))
+        rows = trusted[~(den[trusted] >= floor)]
+        if not rows.shape[0]:
+            return rows
+        return rows[~(xp.max(qf[rows], axis=1) >= math.exp(-GAP))]
 
     def _divide(self, num: Any, den: Any, out: Any) -> Any:
         """``out = num / den`` per row (0 where ``den`` is at most the smallest normal
@@ -311,9 +343,14 @@ class EagerSteps(Steps):
             result, small = super().answer(xp, form, x, kv, out)
             out[...] = result
             return out, small
-        native, qf, dv = self.lib.native, self._queries(form, x), kv.shape[1] - 1
+        native, dv = self.lib.native, kv.shape[1] - 1
+        qf, trusted = self._queries(form, x)
         native.matmul(qf, kv[:, :dv], out=out)
-        return out, self._divide(out, native.matmul(qf, kv[:, dv]), out)
+        den = native.matmul(qf, kv[:, dv])
+        if trusted is not None and (weak := self._weak(qf, den, trusted, kv)).shape[0]:
+            exact = self._exact(form, x[weak])  # those rows with their exact max
+            out[weak], den[weak] = exact @ kv[:, :dv], exact @ kv[:, dv]
+        return out, self._divide(out, den, out)
 
     def causal(
         self, xp: ModuleType, form: Form, x: Any, kf: Any, v: Any, kv0: Any, chunk: int,
@@ -324,7 +361,19 @@ class EagerSteps(Steps):
             result, small, kv = super().causal(xp, form, x, kf, v, kv0, chunk, out)
             out[...] = result
             return out, small, kv
-        lib, native, qf = self.lib, self.lib.native, self._queries(form, x)
+        qf, trusted = self._queries(form, x)
+        o, kv = self._chunks(qf, kf, v, kv0, chunk)
+        if trusted is not None and (weak := self._weak(qf, o[:, -1], trusted, kv)).shape[0]:
+            if weak.shape[0] * 8 > qf.shape[0]:  # (the state after the block bounds each row's)
+                o, kv = self._chunks(self._exact(form, x), kf, v, kv0, chunk)
+            else:
+                group = qf.shape[0] // max(kf.shape[0], 1)
+                o[weak] = self._causal_rows(self._exact(form, x[weak]), weak // group, kf, v, kv0)
+        return out, self._divide(o[:, :-1], o[:, -1], out), kv
+
+    def _chunks(self, qf: Any, kf: Any, v: Any, kv0: Any, chunk: int) -> tuple[Any, Any]:
+        """``(phi(Q) [S | z] per row, the state after)`` of a causal block, in buffers."""
+        lib, native, xp = self.lib, self.lib.native, self.lib.xp
         (rows, m), dv = kf.shape, v.shape[1]
         n, e, group = rows // chunk, dv + 1, qf.shape[0] // max(rows, 1)
         v1 = self.buffer("v1", rows, e, v)
@@ -351,8 +400,17 @@ class EagerSteps(Steps):
         lib.add_product(oc, scores, vc, intra)
         if underflowed:
             self.rescore(qc, kc, vc, pre, oc)
-        kv = xp.asarray(pre[n], copy=True)
-        return out, self._divide(o[:, :dv], o[:, dv], out), kv
+        return o, xp.asarray(pre[n], copy=True)
+
+    def _causal_rows(self, qw: Any, positions: Any, kf: Any, v: Any, kv0: Any) -> Any:
+        """``phi(Q) [S | z]`` of query rows (features ``qw``) at ``positions`` of the block,
+        from the state before it and the block's keys up to each position, directly."""
+        xp = self.lib.xp
+        scores = qw @ xp.matrix_transpose(kf)
+        after = xp.arange(kf.shape[0], device=kf.device)[None, :] > positions[:, None]
+        self.lib.fill_where(scores, after, 0.0)
+        o = xp.concat([scores @ v, xp.sum(scores, axis=1, keepdims=True)], axis=1)
+        return o if kv0 is None else o + qw @ kv0
 
     def scores(self, qc: Any, kc: Any, out: Any) -> bool:
         """The chunks' scores ``qc kc^T`` into ``out``; whether any result was flushed to

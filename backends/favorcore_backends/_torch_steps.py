@@ -58,7 +58,11 @@ TORCH = Lib(
     ),
     key_sums=_key_sums,
     add_product=lambda o, a, b, tmp: o.baddbmm_(a, b),
+    affine=lambda x, w, b, out: (
+        torch.addmm(b, x, w, out=out) if out is not None else torch.addmm(b, x, w)
+    ),
     on_host=lambda a: a.device.type == "cpu",
+    bound_queries=False,
 )
 
 

@@ -62,14 +62,18 @@ class JaxSteps(Steps):
 
         def attend_fwd(arrays: tuple[Any, ...]) -> tuple[tuple[Any, Any, Any], Any]:
             out, kv, small, states = forward(rebuild(arrays))
-            pieces[:] = [[p for p, _ in group] for group in states]
-            held = [[st for _, st in group] for group in states]
+            held = states
+            if call.causal:  # the pieces' bounds stay here, their states go with the residuals
+                pieces[:] = [[p for p, _ in group] for group in states]
+                held = [[st for _, st in group] for group in states]
             return (out, kv, small), (arrays, out, kv, held)
 
         def attend_bwd(res: Any, cotangents: Any) -> tuple[tuple[Any, ...]]:
             arrays, out, kv, held = res
             g_out, g_kv, _ = cotangents
-            states = [list(zip(p, h, strict=True)) for p, h in zip(pieces, held, strict=True)]
+            states = held
+            if call.causal:
+                states = [list(zip(p, h, strict=True)) for p, h in zip(pieces, held, strict=True)]
             dx, dy, dv, dkv0 = backward(rebuild(arrays), out, kv, states, g_out, g_kv)
             return ((dx, dy, dv, dkv0, *([None] * 7)),)
 

@@ -74,6 +74,12 @@ def _add_product(o: np.ndarray, a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -
     o += np.matmul(a, b, out=tmp)
 
 
+def _affine(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    out = np.matmul(x, w, out=out)
+    out += b
+    return out
+
+
 NUMPY = Lib(
     xp=xp_numpy,
     native=np,
@@ -83,6 +89,7 @@ NUMPY = Lib(
     zero_future=_zero_future,
     key_sums=_key_sums,
     add_product=_add_product,
+    affine=_affine,
     on_host=lambda a: True,
 )
 
