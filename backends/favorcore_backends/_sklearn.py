@@ -128,9 +128,10 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     Attributes
     ----------
-    projection_ : array of shape (ceil(n_components / 2) or n_components, n_features_in_)
-        The drawn projection rows ``W`` (before the ``+-`` stacking of the hyperbolic
-        map), in the namespace, device and dtype of the data ``fit`` saw.
+    projection_ : array of shape (rows, n_features)
+        The drawn projection rows ``W``: ``ceil(n_components / 2)`` of them, or
+        ``n_components`` for the positive map (the hyperbolic map uses them as ``+-w``),
+        in the namespace, device and dtype of the data ``fit`` saw.
     offset_ : float
         The phase ``b`` of the unpaired row of an odd ``n_components`` (else 0).
     n_features_in_ : int
