@@ -119,9 +119,9 @@ class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         ``"orthogonal"`` blocks of ``d`` exactly orthogonal rows, ``"iid"`` independent
         rows, or the structured kinds (``"hadamard"`` takes any ``d`` here).
     norms : {"stratified", "chi", "fixed"}
-        Row lengths: chi(d) draws stratified over the rows (unbiased, the least
-        variance), independent chi(d) draws (unbiased), or all ``sqrt(d)`` (biased:
-        it estimates another kernel).
+        Row lengths: chi(d) draws stratified over the rows (unbiased, and less variance
+        than independent lengths), independent chi(d) draws (unbiased), or all
+        ``sqrt(d)`` (biased: it estimates another kernel).
     random_state : int, numpy.random.RandomState or None
         Seed of the projection (an int is used as :func:`favorcore.draw_projection`'s
         seed).
