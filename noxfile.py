@@ -126,3 +126,12 @@ def demo(session: nox.Session) -> None:
     """The main job: ``favorcore demo`` on NumPy (pass options after ``--``)."""
     session.install(".")
     session.run("favorcore", "demo", *session.posargs)
+
+
+@nox.session
+def kernel(session: nox.Session) -> None:
+    """FavorFeatures against scikit-learn's kernel approximations (docs/_static/kernel)."""
+    session.install(".", "scikit-learn", "matplotlib")
+    session.run(
+        "python", "docs/scripts/kernel_features.py", *(session.posargs or ["docs/_static/kernel"])
+    )

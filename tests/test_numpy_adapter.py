@@ -18,7 +18,11 @@ FavorFeatures = fnumpy.FavorFeatures
 
 
 @parametrize_with_checks([FavorFeatures(n_components=16, random_state=0)])
-def test_sklearn_estimator_checks(estimator, check) -> None:
+def test_sklearn_estimator_checks(estimator, check, monkeypatch: pytest.MonkeyPatch) -> None:
+    # scikit-learn runs its array API checks (array-api-strict, PyTorch, CuPy inputs) only
+    # with SCIPY_ARRAY_API=1, which SciPy reads at import; FavorFeatures hands SciPy NumPy
+    # arrays alone, so setting it here is enough for the checks to run instead of skipping
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
     check(estimator)
 
 
@@ -72,7 +76,11 @@ def test_bad_parameters_raise() -> None:
         FavorFeatures(kernel="laplace").fit(X)
     with pytest.raises(ValueError, match="gamma must be a finite positive number"):
         FavorFeatures(gamma=0).fit(X)
-    with pytest.raises(ValueError, match="m must be even"):
-        FavorFeatures(15, feature_map="hyperbolic").fit(X)
+    with pytest.raises(ValueError, match="n_components must be a positive integer"):
+        FavorFeatures(0).fit(X)
     with pytest.raises(ValueError, match="feature_map must be one of"):
         FavorFeatures(feature_map="relu").fit(X)
+    with pytest.raises(ValueError, match="projection must be one of"):
+        FavorFeatures(projection="sparse").fit(X)
+    with pytest.raises(ValueError, match="norms must be one of"):
+        FavorFeatures(norms="unit").fit(X)
