@@ -79,7 +79,7 @@ def random_rows(rows: int, d: int, *, kind: str, norms: str, seed: int) -> np.nd
         w = draw_projection(
             rows, width, kind=projection_kind, norms=cast(NormKind, norms), seed=seed
         )
-    return w[:, :d]
+    return np.asarray(w[:, :d])
 
 
 class FavorFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
