@@ -83,7 +83,10 @@ def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
 
 
 def is_eager(x: Array) -> bool:
-    """True when the values of ``x`` can be read now (not a JAX tracer, not a Dask graph)."""
+    """True when the values of ``x`` can be read now (not a JAX tracer, not a Dask graph, not
+    a PyTorch meta or fake tensor). A concrete JAX array is eager."""
+    if array_api_compat.is_jax_array(x):
+        return not is_tracer(x)
     return not array_api_compat.is_lazy_array(x)
 
 

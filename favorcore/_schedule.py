@@ -208,10 +208,12 @@ def flatten(
     m: int,
     group: int = 1,
     packed: list[Group] | None = None,
+    form_batch: tuple[int, ...] | None = None,
 ) -> Call:
     """The :class:`Call` of rows ``x``, ``y``, ``v`` broadcasting to ``batch`` (``mask``
     ``(..., Lk, 1)``, ``kv0`` ``batch + (m, dv + 1)``; ``group`` query rows per key row,
-    interleaved by position; ``packed`` the groups of packed sequences)."""
+    interleaved by position; ``packed`` the groups of packed sequences, whose forms have
+    the leading dimensions ``form_batch`` when each has its own)."""
     from .steps import Steps
 
     n_rows = math.prod(batch)
@@ -224,7 +226,8 @@ def flatten(
     if n_rows == 0:  # the standard steps (eager ones take one batch row at a time)
         steps = Steps(block=steps.block_size(max(lq, lk), causal), chunk=steps.chunk)
     return Call(
-        xp, steps, form.flatten(batch), flat(x, lq), flat(y, lk), flat(v, lk),
+        xp, steps, form.flatten(batch if form_batch is None else form_batch),
+        flat(x, lq), flat(y, lk), flat(v, lk),
         None if mask is None else flat(mask, lk),
         None if kv0 is None else xp.reshape(kv0, (n_rows, *kv0.shape[-2:])),
         chunk, causal, m, batch, group, packed,

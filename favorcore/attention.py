@@ -25,6 +25,8 @@ import warnings
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ._checks import (
     check_causal,
     check_chunk,
@@ -35,8 +37,9 @@ from ._checks import (
     check_scale,
     check_shape,
 )
-from ._compat import Array, compute_dtype, device, is_eager, namespace
-from ._schedule import Call, backward, flatten, forward
+from ._compat import Array, compute_dtype, device, is_eager, namespace, to_host
+from ._packed import check_ids, groups_of, segment_form
+from ._schedule import Call, Group, backward, flatten, forward
 from .balance import BALANCE_KINDS, Balance, BalanceKind, balance_statistics
 from .features import AccuracyWarning, FeatureMap, Form, OptimalPositiveFeatures
 from .steps import steps_for
@@ -179,6 +182,26 @@ def _check_balance(stats: Balance, batch: tuple[int, ...], d: int, like: Array) 
         arr = getattr(stats, name)
         if arr is not None:
             check_shape(f"balance.{name}", arr, tail, batch, like)
+
+
+def _packed_has_key(call: Call) -> Array:
+    """``(..., rows, 1)``: the query rows of a packed call that have a valid key (their
+    document's, causal: up to them)."""
+    xp, packed = call.xp, call.packed
+    assert packed is not None
+    n_rows, lk = call.x.shape[0], call.y.shape[-2]
+    valid = np.ones((n_rows, lk), bool) if call.mask is None else to_host(call.mask)[..., 0]
+    has = np.zeros((n_rows, call.x.shape[-2] // call.group), bool)
+    for g in packed:
+        assert g.row is not None
+        (a, b), (c, e) = g.q, g.k
+        if call.causal:
+            has[g.row, a:b] = np.cumsum(valid[g.row, c:e]) > 0
+        else:
+            has[g.row, a:b] = valid[g.row, c:e].any()
+    has = np.repeat(has, call.group, axis=1)
+    dev = device(call.x)
+    return xp.reshape(xp.asarray(has, device=dev), (*call.batch, has.shape[1], 1))
 
 
 def _warn_small_normaliser(
@@ -359,9 +382,12 @@ def _plan(
     balance: bool | BalanceKind | Balance | None,
     query_mask: Array | None,
     enable_gqa: bool = False,
+    segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
 ) -> tuple[Call, FeatureMap]:
     """A call of :func:`favor_attention` checked, resolved and flattened for the engine
-    (with ``enable_gqa``, the query heads of a key head become its rows)."""
+    (with ``enable_gqa``, the query heads of a key head become its rows; with
+    ``segment_ids``, each document of each row is a group of its own)."""
     xp = namespace(q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
                    projection=projection)  # fmt: skip
     check_devices(xp, q=q, k=k, v=v, key_mask=key_mask, query_mask=query_mask,
@@ -369,6 +395,7 @@ def _plan(
     check_qkv(xp, q, q, q, ("q", "q", "q"))
     group = _group(q, k, enable_gqa)
     check_causal(causal, q.shape[-2], k.shape[-2], ("q", "k"))
+    q_batch = tuple(q.shape[:-2])
     if group > 1:  # the query heads of a key head become its rows
         check_mask(xp, query_mask, tuple(q.shape[:-2]), q.shape[-2], "query_mask")
         if query_mask is not None:
@@ -389,23 +416,92 @@ def _plan(
     _check_projection(fmap, projection, d)
     dtype = compute_dtype(xp, q.dtype)
     kv0 = _check_state(xp, state, (*batch, fmap.num_features(d), dv + 1), dtype, q)
+    own = isinstance(stats, str) or (
+        fmap.data_dependent and not (isinstance(stats, Balance) and stats.spread is not None)
+    )
+    packed = None
+    if segment_ids is not None or kv_segment_ids is not None:  # read before any other pass
+        packed = _packed_groups(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
+                                q.shape[-2] // group, k.shape[-2], causal, state, return_state,
+                                own)  # fmt: skip
     if check_finite:  # the first pass over the data
         _finite(xp, mask, q=q, k=k, v=v)
-    if isinstance(stats, str):
+    if isinstance(stats, str) and packed is None:
         stats = balance_statistics(
             q, k, key_mask=key_mask, query_mask=query_mask, scale=root * root, kind=stats
         )
     x, y, vc = (xp.astype(a, dtype, copy=False) for a in (q, k, v))
     w = fmap.projection_like(x) if projection is None else xp.astype(projection, dtype, copy=False)
+    steps = steps_for(xp)
+    chunk = steps.chunk if chunk is None else chunk
+    if packed is not None and own:  # each document's statistics: a form per segment
+        flat = flatten(xp, steps, _Given(), x, y, vc, mask=mask, kv0=None, causal=causal,
+                       chunk=chunk, batch=batch, m=0, group=group)  # fmt: skip
+        qm = None
+        if query_mask is not None:
+            qm = xp.reshape(xp.broadcast_to(query_mask[..., None], (*batch, q.shape[-2], 1)),
+                            (math.prod(batch), q.shape[-2], 1))  # fmt: skip
+        form = segment_form(xp, fmap, packed, flat.x, flat.y, w, root=root, kind=stats,
+                            mask=flat.mask, query_mask=qm, group=group)  # fmt: skip
+        call = flatten(
+            xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal, chunk=chunk,
+            batch=batch, m=fmap.num_features(d), group=group, packed=packed,
+            form_batch=(len(packed),),
+        )  # fmt: skip
+        return call, fmap
+    assert not isinstance(stats, str)
     form = fmap.form(xp, x, y, w, root=root, balance=stats, key_mask=key_mask,
                      query_mask=query_mask)  # fmt: skip
-    steps = steps_for(xp)
     call = flatten(
-        xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal,
-        chunk=steps.chunk if chunk is None else chunk, batch=batch, m=fmap.num_features(d),
-        group=group,
+        xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal, chunk=chunk, batch=batch,
+        m=fmap.num_features(d), group=group, packed=packed,
     )  # fmt: skip
     return call, fmap
+
+
+def _packed_groups(
+    xp: ModuleType,
+    segment_ids: Array | None,
+    kv_segment_ids: Array | None,
+    q_batch: tuple[int, ...],
+    batch: tuple[int, ...],
+    group: int,
+    lq: int,
+    lk: int,
+    causal: bool,
+    state: AttentionState | None,
+    return_state: bool,
+    own: bool,
+) -> list[Group]:
+    """The groups of a packed call (every check of the ids comes before any pass over q,
+    k, v)."""
+    if segment_ids is None:
+        raise ValueError("kv_segment_ids needs segment_ids (the queries' documents)")
+    if not causal and (state is not None or return_state):
+        raise ValueError(
+            "segment_ids: a bidirectional state holds the sums of one sequence; with packed "
+            "documents pass no state and return none (causal calls carry the last document's)"
+        )
+    if kv_segment_ids is None:
+        if lq != lk:
+            raise ValueError("segment_ids: Lq != Lk, so pass kv_segment_ids for the keys")
+        kv_segment_ids = segment_ids
+    elif causal:
+        raise ValueError("kv_segment_ids: causal attention has one sequence; pass segment_ids")
+    q_ids = check_ids(xp, segment_ids, q_batch, lq, "segment_ids")
+    if group > 1:  # one row of ids per key head: its query heads' must agree
+        grouped = q_ids.reshape(-1, q_batch[-1] // group, group, lq)
+        if (grouped != grouped[:, :, :1]).any():
+            raise ValueError(
+                "segment_ids: with enable_gqa the query heads of a key head must share "
+                "their documents (give the heads axis size 1)"
+            )
+        q_ids = grouped[:, :, 0].reshape(*q_batch[:-1], q_batch[-1] // group, lq)
+        q_ids = np.broadcast_to(q_ids, (*batch, lq)).reshape(-1, lq)
+    else:
+        q_ids = np.broadcast_to(q_ids.reshape(*q_batch, lq), (*batch, lq)).reshape(-1, lq)
+    k_ids = check_ids(xp, kv_segment_ids, batch, lk, "kv_segment_ids")
+    return groups_of(q_ids, k_ids, causal=causal, own_forms=own)
 
 
 def _unbroadcast(xp: ModuleType, grad: Array, shape: tuple[int, ...]) -> Array:
@@ -435,6 +531,8 @@ def favor_attention_vjp(
     balance: bool | BalanceKind | Balance | None = None,
     query_mask: Array | None = None,
     enable_gqa: bool = False,
+    segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
 ) -> tuple[Array, Array, Array, AttentionState | None]:
     r"""The vector-Jacobian product of :func:`favor_attention`: its gradients, block by block.
 
@@ -472,7 +570,8 @@ def favor_attention_vjp(
         q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
         chunk_size=chunk_size, state=state, return_state=grad_state is not None,
         projection=projection, check_finite=check_finite, balance=balance,
-        query_mask=query_mask, enable_gqa=enable_gqa,
+        query_mask=query_mask, enable_gqa=enable_gqa, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
     )  # fmt: skip
     xp, batch, group = call.xp, call.batch, call.group
     n_rows, lq, dv = math.prod(batch), call.x.shape[-2], v.shape[-1]
@@ -515,6 +614,8 @@ def favor_attention(
     balance: bool | BalanceKind | Balance | None = None,
     query_mask: Array | None = None,
     enable_gqa: bool = False,
+    segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
 ) -> Array | tuple[Array, AttentionState]:
     r"""FAVOR attention: softmax attention estimated with random features.
 
@@ -589,6 +690,19 @@ def favor_attention(
         statistics computed from the tokens are pooled over a key head's query heads;
         ``key_mask``, ``state`` and ``balance`` have ``H_kv`` heads (or 1), ``query_mask``
         ``H`` (or 1).
+    segment_ids : integer array, optional
+        Packed sequences: documents packed one after another, shape ``batch + (Lq,)`` as
+        ``key_mask``; a document is a run of equal ids (the per-token form of
+        flash-attention's ``cu_seqlens``), and ids must not decrease. A token attends only
+        to its own document (causal: to its earlier tokens; the state resets where a
+        document starts, a given ``state`` continues the first document of each row and
+        the returned state holds the last one's sums). Statistics computed from the
+        tokens (the balance, the shift, FAVOR++'s ``A``) are each document's own. Combined
+        with ``key_mask`` by AND. The ids are read (eager arrays only); bidirectional calls
+        with them take no state.
+    kv_segment_ids : integer array, optional
+        The keys' documents when ``Lq != Lk`` (bidirectional): query document ``s``
+        attends to the key document with the same id (none: its rows are 0).
 
     Returns
     -------
@@ -634,13 +748,16 @@ def favor_attention(
         q, k, v, features=features, causal=causal, key_mask=key_mask, scale=scale,
         chunk_size=chunk_size, state=state, return_state=return_state, projection=projection,
         check_finite=check_finite, balance=balance, query_mask=query_mask,
-        enable_gqa=enable_gqa,
+        enable_gqa=enable_gqa, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
     )  # fmt: skip
     xp, batch, rows, group = call.xp, call.batch, call.x.shape[-2], call.group
     out, kv, small = call.steps.run(call)
     small = xp.reshape(small, (*batch, rows, 1))
     if check_finite and is_eager(small):
         mask = None if call.mask is None else xp.reshape(call.mask, (*batch, k.shape[-2], 1))
+        if call.packed is not None:
+            small = small & _packed_has_key(call)
+            mask = None
         _warn_small_normaliser(xp, small, mask, causal, fmap, group)
     out = _deinterleave(xp, xp.reshape(out, (*batch, rows, v.shape[-1])), group)
     out = xp.astype(out, q.dtype, copy=False)
