@@ -87,7 +87,7 @@ def test_calibrated_statistics_keep_a_causal_model_causal_and_close() -> None:
     calib = {"input_ids": torch.randint(0, 64, (4, 16))}
     stats = ftrans.transformers_statistics(sdpa, [calib])
     assert sorted(stats) == [0, 1]
-    assert stats[0].query.shape == (1, 4, 8, 8)
+    assert stats[0].query.shape == (1, 2, 8, 8)  # one per key head (2, for 4 query heads)
     calibrated = ftrans.register_transformers("favor_test_calibrated", statistics=stats)
     favor.set_attn_implementation(calibrated)
     ids = torch.randint(0, 64, (2, 10))
@@ -102,5 +102,41 @@ def test_calibrated_statistics_keep_a_causal_model_causal_and_close() -> None:
 
 
 def test_other_mask_patterns_are_refused() -> None:
+    # a composed pattern is checked against packed sequences: without restarting position
+    # ids, or when it is not "same document", it is refused
+    mask = ftrans._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)
+    module = torch.nn.Module()
     with pytest.raises(ValueError, match="FAVOR attention honours causal or full attention"):
-        ftrans._hf_mask(1, 4, 4, mask_function=lambda b, h, q, k: q == k)
+        ftrans._hf_call_mask("x", module, mask, None)
+    with pytest.raises(ValueError, match="FAVOR attention honours causal or full attention"):
+        ftrans._hf_call_mask("x", module, mask, torch.tensor([[0, 1, 0, 1]]))
+    with pytest.raises(ValueError, match="sliding-window"):
+        ftrans._hf_mask(1, 4, 4, local_size=2)
+
+
+def test_llama_packed_sequences_and_grouped_key_heads() -> None:
+    # Two documents packed in one row (position ids that restart, as a flattening data
+    # collator makes them): each is its own sequence; the key heads (2 of them, for 4
+    # query heads) are computed once each, not repeated.
+    favor = _llama(NAME)
+    ids = torch.randint(0, 64, (1, 14))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():  # (packing is read without a cache, as in training)
+        packed = favor(input_ids=ids, position_ids=pos, use_cache=False).logits
+        first = favor(input_ids=ids[:, :6]).logits
+        second = favor(input_ids=ids[:, 6:]).logits
+    torch.testing.assert_close(packed[:, :6], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 6:], second, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_in_training_is_refused() -> None:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, attention_probs_dropout_prob=0.1, attn_implementation=NAME,
+    )  # fmt: skip
+    model = transformers.BertModel(config).train()
+    with pytest.raises(ValueError, match="attention dropout"):
+        model(input_ids=torch.randint(0, 64, (1, 8)))
+    model.eval()  # (no dropout at evaluation)
+    model(input_ids=torch.randint(0, 64, (1, 8)))

@@ -14,9 +14,9 @@ from favorcore import Balance
 
 __all__ = ["Call", "pooled_statistics", "to_heads"]
 
-#: one call's ``(q, k, key_mask, scale)``: ``q`` ``(B, H, Lq, d)``, ``k`` ``(B, H, Lk, d)``,
-#: ``key_mask`` ``(B, Lk)`` (True = a real token) or None
-Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]
+#: one call's ``(q, k, key_mask, query_mask, scale)``: ``q`` ``(B, H, Lq, d)``, ``k``
+#: ``(B, H, Lk, d)``, the masks ``(B, Lk)`` and ``(B, Lq)`` (True = a real token) or None
+Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]
 
 
 def to_heads(
@@ -27,10 +27,9 @@ def to_heads(
     return t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads).transpose(1, 2)
 
 
-def pooled_statistics(calls: list[Call], *, queries_masked: bool = True) -> Balance:
+def pooled_statistics(calls: list[Call]) -> Balance:
     """One :class:`~favorcore.Balance` per head, shape ``(1, heads, ...)``, over the real
-    tokens of all ``calls``; in self-attention (``queries_masked``, ``Lq == Lk``) the key
-    mask marks the real queries too. Computed in float64, returned in the calls' dtype."""
+    tokens of all ``calls``. Computed in float64, returned in the calls' dtype."""
 
     def flat(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, d) -> (1, H, B L, d)
         return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1])
@@ -45,11 +44,11 @@ def pooled_statistics(calls: list[Call], *, queries_masked: bool = True) -> Bala
          for c in calls]
     )[None, None, :]  # fmt: skip
     query_mask = torch.cat(
-        [c[2].reshape(-1) if queries_masked and c[2] is not None and c[0].shape[2] == c[1].shape[2]
-         else ones(c[0].shape[0] * c[0].shape[2], c[0]) for c in calls]
+        [ones(c[0].shape[0] * c[0].shape[2], c[0]) if c[3] is None else c[3].reshape(-1)
+         for c in calls]
     )[None, None, :]  # fmt: skip
     stats = favorcore.balance_statistics(
-        q, k, key_mask=key_mask, query_mask=query_mask, scale=calls[0][3]
+        q, k, key_mask=key_mask, query_mask=query_mask, scale=calls[0][4]
     )
     dtype = calls[0][0].dtype
     return Balance(*(None if t is None else t.to(dtype) for t in stats))

@@ -83,12 +83,15 @@ class TorchSteps(EagerSteps):
         """The call; with autograd recording, through :class:`_Attention` (positive maps)
         or autograd of the standard operations (other maps)."""
         inputs = [t for t in (call.x, call.y, call.v, call.kv0) if t is not None]
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
-            return super().run(call)
-        if not isinstance(call.form, Exponent):
-            standard = Steps(block=self.block_size(call.x.shape[-2], call.causal), chunk=self.chunk)
-            return standard.run(call.with_arrays(steps=standard))
-        out, kv, small = _Attention.apply(call, call.x, call.y, call.v, call.kv0)  # type: ignore[no-untyped-call]
+        # the engine computes in float32 or wider (its dtype): autocast would change that
+        with torch.autocast(device_type=call.x.device.type, enabled=False):
+            if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+                return super().run(call)
+            if not isinstance(call.form, Exponent):
+                block = self.block_size(call.x.shape[-2], call.causal)
+                standard = Steps(block=block, chunk=self.chunk)
+                return standard.run(call.with_arrays(steps=standard))
+            out, kv, small = _Attention.apply(call, call.x, call.y, call.v, call.kv0)  # type: ignore[no-untyped-call]
         return out, kv, small
 
 

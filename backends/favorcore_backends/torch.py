@@ -32,7 +32,7 @@ from favorcore import Balance, FeatureMap, OptimalPositiveFeatures
 from . import _torch_steps  # noqa: F401  (registers PyTorch's operations)
 from ._heads import pooled_statistics, to_heads
 
-__all__ = ["FavorAttention", "favorize"]
+__all__ = ["FavorAttention", "favorize", "segment_ids_from_cu_seqlens"]
 
 
 def _favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -267,11 +267,16 @@ class FavorAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Attention of ``query`` over ``key``/``value``; returns ``(output, None)``.
 
         Shapes as in ``nn.MultiheadAttention``: ``(L, N, E)``, or ``(N, L, E)`` with
-        ``batch_first``, or unbatched ``(L, E)``.
+        ``batch_first``, or unbatched ``(L, E)``. ``segment_ids`` ``(N, L)`` (or ``(L,)``
+        unbatched) packs documents one after another in each sequence
+        (:func:`favorcore.favor_attention`; :func:`segment_ids_from_cu_seqlens` makes them
+        from flash-attention's offsets).
         """
         if need_weights:
             raise ValueError(
@@ -294,6 +299,7 @@ class FavorAttention(nn.Module):
                 self.redraw()
             self.calls += 1
         q, k, v = self._heads(query, key, value)
+        ids = None if segment_ids is None else (segment_ids[None] if unbatched else segment_ids)
         with torch.autocast(device_type=q.device.type, enabled=False):
             kwargs: dict[str, Any] = {
                 "features": self.features, "key_mask": key_mask, "scale": self.scale,
@@ -306,6 +312,8 @@ class FavorAttention(nn.Module):
                 kwargs["balance"] = Balance(*(None if t is None else t.to(q) for t in stats))
             if causal and stats is None:
                 kwargs["features"] = self.features.causal_form()
+            if ids is not None:
+                kwargs["segment_ids"] = ids[:, None, :]
             out = _favor(q, k, v, causal=causal,
                          query_mask=key_mask if self_attention and not causal else None, **kwargs)  # fmt: skip
         out = self.out_proj(out.transpose(1, 2).flatten(-2))
@@ -358,9 +366,8 @@ class FavorAttention(nn.Module):
             km = self._key_mask(key_padding_mask, k.shape[0], k.shape[2])
             mask = None if km is None else km[:, 0, :]
             scale = self.head_dim**-0.5 if self.scale is None else self.scale
-            # cross-attention: queries are all real
-            masked = self_attention or mask is None
-            self.statistics = pooled_statistics([(q, k, mask, scale)], queries_masked=masked)
+            queries = mask if self_attention else None  # (cross-attention: all real)
+            self.statistics = pooled_statistics([(q, k, mask, queries, scale)])
         return self.statistics
 
     def extra_repr(self) -> str:
@@ -388,6 +395,21 @@ class FavorAttention(nn.Module):
         assert set(missing) <= {"projection", "calls", "draws"}, missing
         new.train(mha.training)
         return new
+
+
+def segment_ids_from_cu_seqlens(
+    cu_seqlens: torch.Tensor, length: int | None = None
+) -> torch.Tensor:
+    """``(1, L)`` document ids of a packed sequence from flash-attention's offsets
+    ``cu_seqlens`` (``[0, l_1, l_1 + l_2, ..., L]``): token ``t`` belongs to document ``i``
+    where ``cu_seqlens[i] <= t < cu_seqlens[i + 1]``.
+
+    >>> segment_ids_from_cu_seqlens(torch.tensor([0, 2, 5])).tolist()
+    [[0, 0, 1, 1, 1]]
+    """
+    total = int(cu_seqlens[-1]) if length is None else length
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens[1:], positions, right=True))[None, :]
 
 
 def favorize(model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -87,8 +87,17 @@ def register_transformers(
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
-        key, value = _repeat_kv(query, key, value)
-        causal, key_mask = _hf_call_mask(name, module, attention_mask)
+        if dropout:
+            raise ValueError(
+                f"attention dropout ({dropout}): FAVOR attention never forms the attention "
+                "weights it would drop; train with attention dropout 0 (e.g. "
+                "attention_probs_dropout_prob=0.0 or attention_dropout=0.0 in the config)"
+            )
+        gqa = query.shape[1] != key.shape[1]  # grouped key heads: computed once each
+        causal, key_mask, ids = _hf_call_mask(
+            name, module, attention_mask, kwargs.get("position_ids")
+        )
+        packed = None if ids is None else ids[:, None, :]
         layer = int(getattr(module, "layer_idx", 0) or 0)
         stats = given.get(layer)
         with torch.autocast(device_type=query.device.type, enabled=False):
@@ -97,7 +106,7 @@ def register_transformers(
                 result = favorcore.favor_attention(
                     query, key, value, features=layer_map(layer, stats is None), causal=True,
                     key_mask=km, scale=scaling, chunk_size=chunk_size, check_finite=False,
-                    balance=stats,
+                    balance=stats, enable_gqa=gqa, segment_ids=packed,
                 )  # fmt: skip
             elif causal:
                 raise ValueError(
@@ -108,7 +117,8 @@ def register_transformers(
                 result = favorcore.favor_attention(
                     query, key, value, features=layer_map(layer, False), key_mask=km,
                     query_mask=qm, scale=scaling, check_finite=False,
-                    balance=balance if stats is None else stats,
+                    balance=balance if stats is None else stats, enable_gqa=gqa,
+                    segment_ids=packed,
                 )  # fmt: skip
             assert isinstance(result, torch.Tensor)
             out = result
@@ -137,11 +147,20 @@ def transformers_statistics(model: Any, batches: Iterable[Mapping[str, Any]]) ->
     def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
-        key, value = _repeat_kv(query, key, value)
-        causal, key_mask = _hf_call_mask(name, module, attention_mask)
+        causal, key_mask, ids = _hf_call_mask(
+            name, module, attention_mask, kwargs.get("position_ids")
+        )
+        if ids is not None:
+            raise ValueError("transformers_statistics: calibrate on unpacked batches")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         layer = int(getattr(module, "layer_idx", 0) or 0)
-        seen.setdefault(layer, []).append((query.detach(), key.detach(), key_mask, scale))
+        b, h, lq, d = query.shape
+        group = h // key.shape[1]  # grouped key heads: statistics pooled over their queries
+        pooled = query.detach().reshape(b, h // group, group * lq, d)
+        own = key_mask if lq == key.shape[2] else None  # self-attention: padded queries too
+        queries = None if own is None else own.repeat(1, group)
+        seen.setdefault(layer, []).append((pooled, key.detach(), key_mask, queries, scale))
+        key, value = _repeat_kv(query, key, value)
         km = None if key_mask is None else key_mask[:, None, :]
         out = favorcore.softmax_attention(query, key, value, causal=causal, key_mask=km,
                                           scale=scale, check_finite=False)  # fmt: skip
@@ -170,18 +189,62 @@ def _repeat_kv(
     return key, value
 
 
+_REFUSED = (
+    "attention mask: FAVOR attention honours causal or full attention plus padding, and "
+    "packed sequences (position ids that restart); this model asked for another pattern"
+)
+
+
 def _hf_call_mask(
-    name: str, module: nn.Module, attention_mask: Any
-) -> tuple[bool, torch.Tensor | None]:
-    """``(causal, key_mask)`` from what the registered mask function handed over."""
-    if isinstance(attention_mask, _HFMask):
-        return attention_mask.causal, attention_mask.key_mask
-    if attention_mask is not None:
-        raise ValueError(
+    name: str, module: nn.Module, attention_mask: Any, position_ids: Any = None
+) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """``(causal, key_mask, segment_ids)`` from what the registered mask function handed
+    over (and, for packed sequences, the position ids that restart)."""
+    if attention_mask is None:
+        return bool(getattr(module, "is_causal", False)), None, None
+    if not isinstance(attention_mask, _HFMask):
+        raise ValueError(  # noqa: TRY004 (a value the model made without the mask function)
             f"attention_mask: the {name!r} attention needs its own mask function; "
             f"call register_transformers({name!r}) before the model runs"
         )
-    return bool(getattr(module, "is_causal", False)), None
+    if attention_mask.pattern is None:
+        return attention_mask.causal, attention_mask.key_mask, None
+    # a composed pattern: packed sequences if the position ids restart and the pattern is
+    # exactly "same document (and, causal, not later)" on a sample of pairs
+    causal = bool(getattr(module, "is_causal", False))
+    ids = _packed_ids(position_ids)
+    if ids is None or not _is_packed(attention_mask.pattern, ids, causal):
+        raise ValueError(f"{_REFUSED} ({getattr(attention_mask.pattern, '__qualname__', '?')})")
+    return causal, attention_mask.key_mask, ids
+
+
+def _packed_ids(position_ids: Any) -> torch.Tensor | None:
+    """``(batch, L)`` document ids where the position ids restart, or None (no restart)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return None
+    restart = torch.ones_like(position_ids, dtype=torch.long)
+    restart[:, 1:] = (position_ids[:, 1:] - position_ids[:, :-1] != 1).long()
+    ids = restart.cumsum(-1)
+    return ids if bool((ids[:, -1] > 1).any()) else None
+
+
+def _is_packed(pattern: Any, ids: torch.Tensor, causal: bool, samples: int = 512) -> bool:
+    """Whether ``pattern(b, h, i, j)`` is "``i`` and ``j`` in one document (``j <= i``)" on
+    every pair around the documents' boundaries and on ``samples`` random pairs."""
+    batch, length = ids.shape
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randint(batch, (samples,), generator=gen)
+    i, j = (torch.randint(length, (samples,), generator=gen) for _ in range(2))
+    starts = torch.nonzero(ids[:, 1:] != ids[:, :-1])
+    near = [(int(r), int(t) + 1 + di, int(t) + 1 + dj) for r, t in starts[:32]
+            for di in (-1, 0) for dj in (-1, 0)]  # fmt: skip
+    pairs = [*zip(b.tolist(), i.tolist(), j.tolist(), strict=True), *near]
+    for r, a, c in pairs:
+        want = bool(ids[r, a] == ids[r, c]) and (c <= a or not causal)
+        got = pattern(torch.tensor(r), torch.tensor(0), torch.tensor(a), torch.tensor(c))
+        if bool(got) != want:
+            return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +253,7 @@ class _HFMask:
 
     causal: bool
     key_mask: torch.Tensor | None  # (batch, kv_length) bool, True = attend
+    pattern: Any = None  # a composed mask function, checked against packed sequences
 
 
 def _hf_mask(
@@ -207,16 +271,13 @@ def _hf_mask(
 
     if local_size is not None:
         raise ValueError("sliding-window attention cannot be honoured by FAVOR attention")
-    if mask_function is causal_mask_function:
-        causal = True
-    elif mask_function is bidirectional_mask_function or mask_function is None:
-        causal = False
-    else:  # or/and compositions, packed sequences, block overlays
-        raise ValueError(
-            "attention mask: FAVOR attention honours causal or full attention plus padding; "
-            f"this model asked for another pattern ({getattr(mask_function, '__name__', mask_function)})"
-        )
     key_mask = None
     if attention_mask is not None:
         key_mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-    return _HFMask(causal, key_mask)
+    if mask_function is causal_mask_function:
+        return _HFMask(True, key_mask)
+    if mask_function is bidirectional_mask_function or mask_function is None:
+        return _HFMask(False, key_mask)
+    if q_offset or kv_offset or q_length != kv_length:  # (packed sequences have neither)
+        raise ValueError(f"{_REFUSED} ({getattr(mask_function, '__qualname__', mask_function)})")
+    return _HFMask(False, key_mask, mask_function)  # or/and compositions: decided per call
