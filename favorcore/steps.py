@@ -26,18 +26,18 @@ A backend that counts its blocks of keys:
 
 >>> import numpy as np
 >>> import favorcore as fc
->>> from favorcore.steps import Steps, register_steps, steps_for
+>>> from favorcore.steps import Steps, namespace_of, register_steps, steps_for
 >>> class Counting(Steps):
-...     blocks = 0
+...     seen = 0
 ...     def keys(self, xp, form, y, v, keep):
-...         self.blocks += 1
+...         self.seen += 1
 ...         return super().keys(xp, form, y, v, keep)
 >>> q = np.ones((2, 1000, 8)) / 4
->>> before = steps_for(fc.steps.namespace_of(q))
+>>> before = steps_for(namespace_of(q))
 >>> counting = Counting(block=256, vectorized=False)
 >>> register_steps("array_api_compat.numpy", counting)
 >>> _ = fc.favor_attention(q, q, q, features=fc.PositiveFeatures(m=16, seed=0))
->>> counting.blocks  # 4 blocks of keys in each of 2 batch rows
+>>> counting.seen  # 4 blocks of keys in each of 2 batch rows
 8
 >>> register_steps("array_api_compat.numpy", before)
 """

@@ -412,6 +412,73 @@ class EagerSteps(Steps):
         o = xp.concat([scores @ v, xp.sum(scores, axis=1, keepdims=True)], axis=1)
         return o if kv0 is None else o + qw @ kv0
 
+    def causal_grad(
+        self, xp: ModuleType, form: Form, x: Any, y: Any, v: Any, keep: Any, kv0: Any,
+        out: Any, g: Any, dkv: Any, chunk: int,
+    ) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+        """The standard backward of a causal piece (:meth:`Steps.causal_grad`), in buffers:
+        the chunks' prefixes and suffixes by in-place adds, the future out in place."""
+        if not isinstance(form, Exponent):
+            return super().causal_grad(xp, form, x, y, v, keep, kv0, out, g, dkv, chunk)
+        lib, native = self.lib, self.lib.native
+        qf = self._exact(form, x)  # (any per-row factor cancels in the gradient)
+        kf, vb = self.keys(xp, form, y, v, keep)
+        (rows, m), dv = kf.shape, v.shape[1]
+        n, e, group = rows // chunk, dv + 1, qf.shape[0] // max(rows, 1)
+        cg = chunk * group
+        v1 = self.buffer("v1", rows, e, vb)
+        v1[:, :dv] = vb
+        v1[:, dv] = 1.0
+        qc, kc, vc = qf.reshape(n, cg, m), kf.reshape(n, chunk, m), v1.reshape(n, chunk, e)
+        pre = self.buffer("prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
+        native.matmul(xp.matrix_transpose(kc), vc, out=pre[1:])
+        pre[0] = 0.0 if kv0 is None else kv0
+        steps = list(pre)
+        for i in range(n):
+            steps[i + 1] += steps[i]
+        scores = native.matmul(qc, xp.matrix_transpose(kc))
+        lib.zero_future(scores, group)
+        den = native.matmul(qc, pre[:n, :, dv:])[..., 0] + xp.sum(scores, axis=-1)
+        info = xp.finfo(den.dtype)  # the rows that pass a gradient (favorcore.steps)
+        bound = xp.max(xp.abs(pre[:n]), axis=(1, 2))[:, None]
+        ok = (den > math.sqrt(float(info.smallest_normal))) & (
+            den > bound * (1e4 / float(info.max))
+        )
+        gh = self.buffer("gh", rows * group, e, qf).reshape(n, cg, e)
+        gc = g.reshape(n, cg, dv)
+        gh[..., :dv] = gc
+        gh[..., dv] = -xp.sum(gc * out.reshape(n, cg, dv), axis=-1)
+        lib.fill_where(den, ~ok, 1.0)
+        native.reciprocal(den, out=den)
+        lib.fill_where(den, ~ok, 0.0)
+        gh *= den[..., None]
+        mixed = native.matmul(gh, xp.matrix_transpose(vc))  # (g^_i . v1_j)
+        lib.zero_future(mixed, group)
+        suffix = self.buffer("suffix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
+        native.matmul(xp.matrix_transpose(qc), gh, out=suffix[:n])
+        suffix[n] = 0.0 if dkv is None else dkv
+        back = list(suffix)  # suffix[c] becomes R_>c after the chunk's own contribution
+        for i in range(n - 1, -1, -1):
+            back[i] += back[i + 1]
+        before = xp.asarray(suffix[0], copy=True)
+        # R_>c: the sums after chunk c, i.e. suffix[c + 1]
+        after = suffix[1:]
+        dq = native.matmul(gh, xp.matrix_transpose(pre[:n]))
+        lib.add_product(dq, mixed, kc, None)
+        dk = native.matmul(vc, xp.matrix_transpose(after))
+        lib.add_product(dk, xp.matrix_transpose(mixed), qc, None)
+        dvc = native.matmul(kc, after[..., :dv])
+        lib.add_product(dvc, xp.matrix_transpose(scores), gh[..., :dv], None)
+        native.multiply(dq, qc, out=dq)
+        native.multiply(dk, kc, out=dk)
+        dx = form.query_grad(xp, x, dq.reshape(rows * group, m))
+        dy = form.key_grad(xp, y if keep is None else xp.where(keep, y, 0.0), dk.reshape(rows, m))
+        dvv = dvc.reshape(rows, dv)
+        if keep is not None:
+            lib.fill_where(dy, ~keep, 0.0)
+            lib.fill_where(dvv, ~keep, 0.0)
+        return dx, dy, dvv, before
+
     def scores(self, qc: Any, kc: Any, out: Any) -> bool:
         """The chunks' scores ``qc kc^T`` into ``out``; whether any result was flushed to
         zero (then :meth:`rescore` runs)."""
