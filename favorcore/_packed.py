@@ -5,7 +5,7 @@ A segment is a run of equal ids along the sequence. Each (batch row, segment) be
 keys (causal: the state resets where it starts), and statistics computed from the tokens
 (the balance, the shift, FAVOR++'s ``A``) are each segment's own, so that no document
 changes another's estimate. The boundaries are read from the ids, so the ids must be
-eager arrays.
+concrete: eager arrays, or Dask arrays (computed, once per call: they are small).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import itertools
 from types import ModuleType
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from ._compat import Array, device, is_eager, to_host
@@ -38,10 +39,10 @@ def check_ids(
             f"{name} must have shape batch + (L,) = {target} (each batch dimension equal or 1), "
             f"got {shape}"
         )
-    if not is_eager(ids):
+    if not (is_eager(ids) or array_api_compat.is_dask_array(ids)):  # Dask's: computed, small
         raise ValueError(
             f"{name}: the documents' boundaries are read from the ids, which are not eager "
-            "here (a traced or lazy array); compute outside jax.jit / Dask, or pad the "
+            "here (a traced array); compute outside jax.jit, or pad the "
             "documents into a batch with key_mask"
         )
     host = np.broadcast_to(to_host(ids), target).reshape(-1, length)

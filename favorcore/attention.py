@@ -698,8 +698,9 @@ def favor_attention(
         document starts, a given ``state`` continues the first document of each row and
         the returned state holds the last one's sums). Statistics computed from the
         tokens (the balance, the shift, FAVOR++'s ``A``) are each document's own. Combined
-        with ``key_mask`` by AND. The ids are read (eager arrays only); bidirectional calls
-        with them take no state.
+        with ``key_mask`` by AND. The ids are read (eager arrays; a Dask array of ids is
+        computed, under ``jax.jit`` they are refused); bidirectional calls with them take
+        no state.
     kv_segment_ids : integer array, optional
         The keys' documents when ``Lq != Lk`` (bidirectional): query document ``s``
         attends to the key document with the same id (none: its rows are 0).
