@@ -371,6 +371,7 @@ def _bidirectional_grad(
     call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
 ) -> tuple[Array, Array, Array, Array]:
     steps, groups, xp, sums_of = call.steps, call.groups(), call.xp, states
+    dest_x, dest_y, dest_v = _destinations(call)
 
     def queries(item: tuple[int, int, int]) -> tuple[list[Array], Array | None]:
         i, lo, hi = item
@@ -379,7 +380,7 @@ def _bidirectional_grad(
         for s, e in call.blocks(call.x, lo, hi):
             x, o, gg = (call.query_rows(a, grp, s, e) for a in (call.x, out, g))
             dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg)
-            grads.append(dx)
+            _keep(grads, dest_x, call.query_rows, grp, s, e, dx)
             total = part if total is None else total + part
         return grads, total
 
@@ -396,7 +397,12 @@ def _bidirectional_grad(
         form, grads = call.form_of(grp), []
         for s, e in call.blocks(call.y, lo, hi):
             y, v = call.rows(call.y, grp, s, e), call.rows(call.v, grp, s, e)
-            grads.append(steps.keys_grad(xp, form, y, v, call.keep(grp, s, e), sums[i]))
+            dy, dv = steps.keys_grad(xp, form, y, v, call.keep(grp, s, e), sums[i])
+            if dest_y is None:
+                grads.append((dy, dv))
+            else:
+                _keep([], dest_y, call.rows, grp, s, e, dy)
+                _keep([], dest_v, call.rows, grp, s, e, dv)
         return grads
 
     k_items2 = [[(i, lo, hi) for lo, hi in call.items(grp, grp.k)] for i, grp in enumerate(groups)]
@@ -408,9 +414,9 @@ def _bidirectional_grad(
         i, j = i + len(qi), j + len(ki)
     dt, d, dv = call.x.dtype, call.x.shape[-1], call.v.shape[-1]
     return (
-        call.join(dxs, d, dt),
-        call.join([[a for a, _ in p] for p in dkeys], d, dt),
-        call.join([[b for _, b in p] for p in dkeys], dv, dt),
+        call.join(dxs, d, dt) if dest_x is None else dest_x,
+        call.join([[a for a, _ in p] for p in dkeys], d, dt) if dest_y is None else dest_y,
+        call.join([[b for _, b in p] for p in dkeys], dv, dt) if dest_v is None else dest_v,
         call.per_row(sums, first=True),  # the given state entered the row's first group
     )
 
@@ -419,6 +425,7 @@ def _causal_grad(
     call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
 ) -> tuple[Array, Array, Array, Array]:
     steps, groups, xp = call.steps, call.groups(), call.xp
+    dest_x, dest_y, dest_v = _destinations(call)
 
     def one_group(i: int) -> tuple[list[Array], list[Array], list[Array], Array | None]:
         grp = groups[i]
@@ -430,9 +437,9 @@ def _causal_grad(
             dx, dy, dv, carried = steps.causal_grad(
                 xp, form, x, y, v, call.keep(grp, a, b), state, out_p, g_p, carried, c
             )
-            dxs.append(dx)
-            dys.append(dy)
-            dvs.append(dv)
+            _keep(dxs, dest_x, call.query_rows, grp, a, b, dx)
+            _keep(dys, dest_y, call.rows, grp, a, b, dy)
+            _keep(dvs, dest_v, call.rows, grp, a, b, dv)
         return dxs[::-1], dys[::-1], dvs[::-1], carried
 
     results = steps.map(one_group, list(range(len(groups))))
@@ -441,8 +448,32 @@ def _causal_grad(
         call.zeros(grp) if r[3] is None else r[3] for grp, r in zip(groups, results, strict=True)
     ]
     return (
-        call.join([r[0] for r in results], d, dt),
-        call.join([r[1] for r in results], d, dt),
-        call.join([r[2] for r in results], dv, dt),
+        call.join([r[0] for r in results], d, dt) if dest_x is None else dest_x,
+        call.join([r[1] for r in results], d, dt) if dest_y is None else dest_y,
+        call.join([r[2] for r in results], dv, dt) if dest_v is None else dest_v,
         call.per_row(starts, first=True),  # the given state entered the row's first group
     )
+
+
+def _destinations(call: Call) -> tuple[Array | None, Array | None, Array | None]:
+    """Arrays for ``dx``, ``dy``, ``dv`` that the backward fills block by block, zero where
+    no group writes (keys no query attends to), when the steps give an :meth:`output`;
+    else None, and the blocks' gradients are joined (then they are all held at once)."""
+    n, xp = call.x.shape[0], call.xp
+    shapes = ((call.x.shape[-2], call.x.shape[-1]), (call.y.shape[-2], call.y.shape[-1]),
+              (call.y.shape[-2], call.v.shape[-1]))  # fmt: skip
+    dests = [call.steps.output(xp, (n, *shape), call.x) for shape in shapes]
+    for dest in dests:
+        if dest is not None:
+            dest[...] = 0.0
+    return dests[0], dests[1], dests[2]
+
+
+def _keep(
+    pieces: list[Array], dest: Array | None, rows: Any, g: Group, lo: int, hi: int, grad: Array
+) -> None:
+    """Write a block's gradient into its rows of ``dest``, or keep it to be joined."""
+    if dest is None:
+        pieces.append(grad)
+    else:
+        rows(dest, g, lo, hi)[...] = grad
