@@ -376,7 +376,8 @@ def _bidirectional_grad(
     def queries(item: tuple[int, int, int]) -> tuple[list[Array], Array | None]:
         i, lo, hi = item
         grp = groups[i]
-        form, grads, total = call.form_of(grp), [], None
+        form, total = call.form_of(grp), None
+        grads: list[Array] = []
         for s, e in call.blocks(call.x, lo, hi):
             x, o, gg = (call.query_rows(a, grp, s, e) for a in (call.x, out, g))
             dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg)
@@ -430,7 +431,9 @@ def _causal_grad(
     def one_group(i: int) -> tuple[list[Array], list[Array], list[Array], Array | None]:
         grp = groups[i]
         form, carried = call.form_of(grp), _row_state(call, dkv, grp)
-        dxs, dys, dvs = [], [], []
+        dxs: list[Array] = []
+        dys: list[Array] = []
+        dvs: list[Array] = []
         for (a, b, c), state in reversed(states[i]):
             x, out_p, g_p = (call.query_rows(t, grp, a, b) for t in (call.x, out, g))
             y, v = call.rows(call.y, grp, a, b), call.rows(call.v, grp, a, b)

@@ -29,9 +29,57 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert not [r for r in result["rows"] if "error" in r], result["rows"]
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["shape"] == {
-        "heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1, "device": "cpu"
+        "heads": 1, "d": 8, "m": 16, "dtype": "float32", "threads": 1, "device": "cpu",
+        "measure": "call",
     }  # fmt: skip
     assert "GEMM rate" in capsys.readouterr().out
+
+
+def test_bench_train_smoke(tmp_path, capsys) -> None:
+    """Training steps: every method with autodiff runs, the others are reported."""
+    pytest.importorskip("torch")
+    methods = [
+        "favorcore-numpy",
+        "favorcore-torch",
+        "favorcore++-torch",
+        "favor-module",
+        "mha",
+        "sdpa",
+    ]
+    result = bench.bench(
+        [64], heads=2, d=8, m=16, repeats=1, threads=1, methods=methods,
+        out_dir=tmp_path, plots=False, gemm_size=0, train=True,
+    )  # fmt: skip
+    assert not [r for r in result["rows"] if "error" in r], result["rows"]
+    assert {r["method"] for r in result["rows"]} == set(methods) - {"favorcore-numpy"}
+    assert "no autodiff" in result["skipped"]["favorcore-numpy"]
+    for r in result["rows"]:
+        assert r["median_s"] > 0
+        assert r["forward_s"] > 0
+        assert r["step_ratio"] == pytest.approx(r["median_s"] / r["forward_s"])
+    out = capsys.readouterr().out
+    assert "not run: favorcore-numpy" in out
+    assert "step/forward" in out.splitlines()[1]
+    assert (tmp_path / "bench-train.json").exists()
+    assert any(r["peer"] == "mha" for r in result["ratios"])
+
+
+def test_bench_says_slower_below_one() -> None:
+    rows = [
+        {"L": 8, "mode": "causal", "method": m, "median_s": t, "peak_mib": 1.0}
+        for m, t in (("favorcore-torch", 2.0), ("sdpa", 1.0))
+    ]
+    (line,) = bench._ratios(rows)
+    assert line["speedup"] == 0.5
+    assert "2.00x slower" in line["text"]
+
+
+def test_bench_exits_nonzero_when_nothing_ran(tmp_path, capsys) -> None:
+    code = bench.main(["--lengths", "8", "--methods", "favorcore-cupy", "--out", str(tmp_path)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "not run: favorcore-cupy" in captured.out
+    assert "nothing ran" in captured.err
 
 
 def test_bench_rejects_bad_options() -> None:

@@ -1,8 +1,8 @@
-"""Side-by-side benchmark: favorcore against exact attention and performer-pytorch.
+"""Side-by-side benchmark: favorcore against exact attention and its peers.
 
-``python -m favorcore bench`` (``nox -s bench`` installs the peers) times every method on
-identical float32 inputs ``(1, heads, L, d)`` in a fresh subprocess per case, with the same
-thread count for everyone, and reports per case
+``favorcore bench`` (``nox -s bench`` installs the peers) times every method on identical
+float32 inputs ``(1, heads, L, d)`` in a fresh subprocess per case, with the same thread
+count for everyone, and reports per case
 
 * the median time of ``repeats`` calls after one warm-up call;
 * the peak memory of one call: the subprocess's peak resident set during the call minus
@@ -11,19 +11,31 @@ thread count for everyone, and reports per case
   percentage of the backend's float32 GEMM rate (a 4096^3 matmul) measured in the case's
   own subprocess just before it (the machine's speed drifts during a run);
 
-then the ratios favorcore/peer and favorcore/exact, pair by pair. ``favorcore-*`` run
-FAVOR+ (``PositiveFeatures``, no balance: the peers' algorithm); ``favorcore++-*`` run
-the library's default estimator, FAVOR++ with the matrix balance (per call when
+then the ratios favorcore/peer pair by pair. ``favorcore-*`` run FAVOR+
+(``PositiveFeatures``, no balance: the peers' algorithm); ``favorcore++-*`` run the
+library's default estimator, FAVOR++ with the matrix balance (per call when
 bidirectional; causal calls get statistics computed once beforehand, as from a
-calibration batch), and their cost is reported against FAVOR+'s. It writes ``bench.json``
-and, with matplotlib, ``bench_time.png`` and ``bench_memory.png`` (log-log, one line per
-method). ``--scale`` runs causal attention over 2^20 tokens (1 head) and reports the whole
-process's peak resident set and the per-token cost against L = 16384.
+calibration batch), and their cost is reported against FAVOR+'s. ``favor-module`` is
+``favorcore_backends.torch.FavorAttention`` against ``mha``, PyTorch's
+``nn.MultiheadAttention`` (projections included, input ``(1, L, heads * d)``).
+
+``--train`` times a training step instead: forward and backward of ``out.sum()``
+(PyTorch) or ``jit(grad(...))`` (JAX), its peak memory, and the step's time over the
+forward's (measured in the same process). ``--longest`` finds the longest causal
+sequence whose step keeps the whole process under ``--budget-mib``; ``--scale`` runs
+causal attention (``--train``: a step) over 2^20 tokens, 1 head.
+
+``performer-jax`` is the Performer authors' JAX code, which is not on PyPI: set
+``FAVORCORE_BENCH_AUTHORS_JAX`` to the directory holding google-research's
+``performer/fast_attention/jax/fast_attention.py`` (it needs ``gin-config`` and
+``absl-py``). It writes ``bench.json`` (``bench-train.json`` with ``--train``) and, with
+matplotlib, time and memory plots (log-log, one line per method).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -36,10 +48,6 @@ from typing import Any
 
 __all__ = ["main", "run_case"]
 
-METHODS = (
-    "favorcore-numpy", "favorcore-torch", "favorcore-jax", "favorcore-cupy", "favorcore++-numpy",
-    "favorcore++-torch", "favorcore++-cupy", "sdpa", "performer",
-)  # fmt: skip
 BACKEND_OF = {
     "favorcore-numpy": "numpy",
     "favorcore-torch": "torch",
@@ -47,18 +55,35 @@ BACKEND_OF = {
     "favorcore-cupy": "cupy",
     "favorcore++-numpy": "numpy",
     "favorcore++-torch": "torch",
+    "favorcore++-jax": "jax",
     "favorcore++-cupy": "cupy",
+    "favor-module": "torch",
+    "mha": "torch",
     "sdpa": "torch",
     "performer": "torch",
+    "jax-exact": "jax",
+    "performer-jax": "jax",
+}
+METHODS = tuple(BACKEND_OF)
+#: each favorcore method and the peers it is compared with (same L, mode and measure)
+PEERS = {
+    "favorcore-numpy": ("performer", "sdpa"),
+    "favorcore-torch": ("performer", "sdpa"),
+    "favorcore-cupy": ("performer", "sdpa"),
+    "favorcore-jax": ("performer-jax", "jax-exact"),
+    "favor-module": ("mha",),
 }
 IMPORT_OF = {
     "numpy": "numpy", "torch": "torch", "jax": "jax", "cupy": "cupy",
     "performer": "performer_pytorch",
 }  # fmt: skip
+AUTHORS_ENV = "FAVORCORE_BENCH_AUTHORS_JAX"
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16")
 #: lengths of a run unless given: the GPU's go 4x further
 LENGTHS = {"cpu": [1024, 2048, 4096, 8192, 16384], "gpu": [1024, 4096, 16384, 65536]}
+#: exact attention that forms the L x L scores (JAX's) is left out above this estimate
+EXACT_LIMIT_GIB = 12.0
 
 
 def supports(backend: str, device: str, dtype: str) -> bool:
@@ -185,15 +210,107 @@ def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
     return _Device(backend, "cpu", "float32").gemm_rate(repeats, n)
 
 
+def _attention(method: str, causal: bool, m: int, d: int, heads: int, q: Any, k: Any) -> Any:
+    """The method as a function: of ``(q, k, v)`` in ``(1, heads, L, d)``, or of ``x`` in
+    ``(1, L, heads * d)`` for the modules (``performer-jax``: ``(1, L, heads, d)``)."""
+    import favorcore as fc
+
+    if method == "performer":
+        from performer_pytorch import FastAttention
+
+        return FastAttention(dim_heads=d, nb_features=m, causal=causal).to(q.device, q.dtype)
+    if method == "sdpa":
+        import torch
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda q, k, v: sdpa(q, k, v, is_causal=causal)
+    if method in ("mha", "favor-module"):
+        import torch
+
+        from favorcore_backends.torch import FavorAttention
+
+        cls = torch.nn.MultiheadAttention if method == "mha" else FavorAttention
+        module = cls(heads * d, heads, batch_first=True).to(q.device, q.dtype)
+        length = q.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
+        kw = {"attn_mask": mask, "is_causal": True} if causal else {}
+        return lambda x: module(x, x, x, need_weights=False, **kw)[0]
+    if method == "jax-exact":
+        import jax
+
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    if method == "performer-jax":
+        sys.path.insert(0, os.environ[AUTHORS_ENV])
+        import fast_attention  # type: ignore[import-not-found]  # the authors' (see above)
+
+        return fast_attention.make_fast_softmax_attention(
+            d, nb_features=m, unidirectional=causal, redraw_features=False
+        )
+    default = method.startswith("favorcore++")
+    fmap = fc.OptimalPositiveFeatures(m=m, seed=0) if default else fc.PositiveFeatures(m=m, seed=0)
+    # FAVOR+: no balance; the default: per call (bidirectional) or calibrated (causal)
+    balance: Any = False
+    if default:
+        balance = fc.balance_statistics(q, k) if causal else None
+    return lambda q, k, v: fc.favor_attention(
+        q, k, v, features=fmap, causal=causal, balance=balance
+    )
+
+
+def _calls(method: str, on: _Device, host: list[Any], causal: bool, m: int,
+           train: bool) -> tuple[Callable[[], Any], Callable[[], Any] | None]:  # fmt: skip
+    """``(measured, forward)``: the call to time (a step when ``train``), and with
+    ``train`` the forward alone (no gradient recorded)."""
+    import numpy as np
+
+    heads, length, d = host[0].shape[1:]
+    backend = BACKEND_OF[method]
+    if method in ("mha", "favor-module"):  # one input, (1, L, heads * d)
+        host = [np.ascontiguousarray(host[0].transpose(0, 2, 1, 3).reshape(1, length, -1))]
+    elif method == "performer-jax":  # (1, L, heads, d)
+        host = [np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in host]
+    inputs = [on.put(a) for a in host]
+    f = _attention(method, causal, m, d, heads, inputs[0], inputs[min(1, len(inputs) - 1)])
+    if backend == "jax":
+        import jax
+
+        forward_jit = jax.jit(f)
+        forward = lambda: forward_jit(*inputs).block_until_ready()
+        if not train:
+            return forward, None
+        grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=tuple(range(len(inputs)))))
+        return (lambda: jax.block_until_ready(grads(*inputs))), forward  # type: ignore[no-untyped-call]
+    import torch
+
+    def no_grad() -> Any:
+        with torch.no_grad():
+            return f(*inputs)
+
+    if not train:
+        return no_grad, None
+    leaves = [t.requires_grad_() for t in inputs]
+    if isinstance(f, torch.nn.Module):
+        leaves += list(f.parameters())
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        f(*inputs).sum().backward()
+
+    return step, no_grad
+
+
 def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int, repeats: int,
              threads: int, gemm_size: int = 0, device: str = "cpu",
-             dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
+             dtype: str = "float32", train: bool = False) -> dict[str, Any]:  # fmt: skip
     """Time one case in this process (the child of :func:`measure`).
 
     The first call's peak memory is the call's (it is also the warm-up). With
     ``gemm_size``, the backend's GEMM rate in ``dtype`` on ``device`` is then measured in
     this process, under the same thread settings, just before the timed calls, so that
-    the case's share of it compares like with like on a machine whose speed drifts.
+    the case's share of it compares like with like on a machine whose speed drifts. With
+    ``train`` the call is a training step, and the forward alone is timed too
+    (alternating with the steps).
     """
     import numpy as np
 
@@ -215,65 +332,45 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
     on = _Device(backend, device, dtype)
     rng = np.random.default_rng(0)
     host = [(rng.standard_normal((1, heads, length, d)) * 0.5).astype(np.float32) for _ in range(3)]
-    q, k, v = (on.put(a) for a in host)
-    import favorcore as fc
+    measured, forward = _calls(method, on, host, causal, m, train)
 
-    default = method.startswith("favorcore++")
-    fmap = fc.OptimalPositiveFeatures(m=m, seed=0) if default else fc.PositiveFeatures(m=m, seed=0)
-    # FAVOR+: no balance; the default: per call (bidirectional) or calibrated (causal)
-    balance: Any = False
-    if default:
-        balance = fc.balance_statistics(q, k) if causal else None
-    fn: Callable[[], Any]
-    if method == "performer":
-        from performer_pytorch import FastAttention
+    def timed(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            out = fn()
+            on.sync()
+            return out
 
-        attn = FastAttention(dim_heads=d, nb_features=m, causal=causal).to(q.device, q.dtype)
-        fn = lambda: attn(q, k, v)
-    elif method == "sdpa":
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        fn = lambda: sdpa(q, k, v, is_causal=causal)
-    elif backend == "jax":
-        import jax
+        return call
 
-        jitted = jax.jit(
-            lambda q, k, v: fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=False)
-        )
-        fn = lambda: jitted(q, k, v).block_until_ready()
-    else:
-        fn = lambda: fc.favor_attention(q, k, v, features=fmap, causal=causal, balance=balance)
-    if backend == "torch":
-        plain = fn
-
-        def fn() -> Any:
-            with torch.no_grad():
-                return plain()
-
-    def call() -> Any:
-        out = fn()
-        on.sync()
-        return out
-
+    call = timed(measured)
     process_peak = _status_mib("VmHWM")  # inputs made, nothing called yet
     before = on.start()
     call()  # the first call: its peak is the call's memory (and it warms up)
     peak = on.peak() - before
     process_peak = max(process_peak, _status_mib("VmHWM"))
     gemm = on.gemm_rate(repeats=2, n=gemm_size) if gemm_size else None
-    times = _times(call, repeats)
-    process_peak = max(process_peak, _status_mib("VmHWM"))
-    result = {
-        "median_s": statistics.median(times),
-        "peak_mib": max(peak, 0.0),
-        "process_peak_mib": process_peak,
-    }
+    result: dict[str, Any] = {"peak_mib": max(peak, 0.0)}
+    if forward is None:
+        result["median_s"] = statistics.median(_times(call, repeats))
+    else:
+        fwd = timed(forward)
+        fwd()
+        steps, fwds = [], []
+        for _ in range(repeats):  # alternately, so that drift affects both alike
+            steps += _times(call, 1)
+            fwds += _times(fwd, 1)
+        result.update(
+            median_s=statistics.median(steps), forward_s=statistics.median(fwds),
+            step_ratio=statistics.median(steps) / statistics.median(fwds),
+        )  # fmt: skip
+    result["process_peak_mib"] = max(process_peak, _status_mib("VmHWM"))
     if gemm is not None:
         result["gemm_gflops"] = gemm
     return result
 
 
 def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]:
-    """Run one case in a fresh subprocess; returns its measurements."""
+    """Run one case in a fresh subprocess; returns its measurements (or its error)."""
     spec = json.dumps({"method": method, "length": length, "causal": causal, **kw})
     child = "import json,sys; from favorcore_backends.bench import run_case; print(json.dumps(run_case(**json.loads(sys.argv[1]))))"
     done = subprocess.run(
@@ -292,50 +389,79 @@ def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _available(method: str, device: str = "cpu", dtype: str = "float32") -> bool:
-    """Installed, and its backend runs on ``device`` in ``dtype``."""
-    import importlib.util
+def unavailable(method: str, device: str = "cpu", dtype: str = "float32",
+                train: bool = False) -> str | None:  # fmt: skip
+    """Why ``method`` cannot run here (not installed, not on ``device`` or in ``dtype``,
+    no autodiff for ``train``), or None."""
+    backend = BACKEND_OF[method]
+    if not supports(backend, device, dtype):
+        return f"{backend} does not run on the {device} in {dtype}"
+    if train and backend in ("numpy", "cupy"):
+        return f"{backend} has no autodiff (training steps run on PyTorch and JAX)"
+    needed = IMPORT_OF["performer"] if method == "performer" else IMPORT_OF[backend]
+    if importlib.util.find_spec(needed) is None:
+        return f"{needed} is not installed"
+    if method == "performer-jax":
+        where = os.environ.get(AUTHORS_ENV)
+        if not where or not Path(where, "fast_attention.py").is_file():
+            return (
+                f"set {AUTHORS_ENV} to the directory of google-research's "
+                "performer/fast_attention/jax/fast_attention.py (needs gin-config, absl-py)"
+            )
+    return None
 
-    needed = IMPORT_OF["performer"] if method == "performer" else IMPORT_OF[BACKEND_OF[method]]
-    return (
-        supports(BACKEND_OF[method], device, dtype) and importlib.util.find_spec(needed) is not None
-    )
+
+def _too_big(method: str, length: int, heads: int, train: bool) -> str | None:
+    """Exact attention that forms the scores, when they alone would pass the limit."""
+    if method != "jax-exact":
+        return None
+    gib = (3 if train else 1) * length**2 * heads * 4 / 2**30
+    if gib <= EXACT_LIMIT_GIB:
+        return None
+    return f"skipped: its L x L scores would take about {gib:.0f} GiB (limit {EXACT_LIMIT_GIB:.0f})"
 
 
 def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, threads: int,
           methods: Sequence[str], out_dir: Path, plots: bool, gemm_size: int = 4096,
-          device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
+          device: str = "cpu", dtype: str = "float32", train: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every case, print the table and ratios, write JSON (and plots).
 
     Each case's share of the GEMM rate is against the rate (in ``dtype``, on ``device``)
-    measured in its own subprocess just before its timed calls (``gemm_size``^3); the
-    footer gives the median of those per backend. Methods that are not installed, or
-    whose backend does not run on ``device`` in ``dtype``, are left out.
+    measured in its own subprocess just before its timed calls (``gemm_size``^3; 0: not
+    measured); the footer gives the median of those per backend. Methods that cannot run
+    here are reported with the reason (``result["skipped"]``) and left out.
     """
-    methods = [x for x in methods if _available(x, device, dtype)]
+    skipped = {x: why for x in methods if (why := unavailable(x, device, dtype, train))}
+    for method, why in skipped.items():
+        print(f"not run: {method}: {why}", flush=True)
+    methods = [x for x in methods if x not in skipped]
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = "bench-train.json" if train else "bench.json"
+    what = "training step (forward + backward)" if train else "call"
+    print(f"{'L':>7} {'mode':<14} {'method':<18} {'ms per ' + ('step' if train else 'call'):>12} "
+          f"{'peak MiB':>10} " + ("step/forward" if train else "GFLOP/s  % of GEMM (GEMM GFLOP/s)"),
+          flush=True)  # fmt: skip
     rows: list[dict[str, Any]] = []
     for length in lengths:
         for causal in (False, True):
             for method in methods:
-                r = measure(
+                row: dict[str, Any] = {"L": length, "mode": "causal" if causal else "bidirectional",
+                                       "method": method}  # fmt: skip
+                big = _too_big(method, length, heads, train)
+                r: dict[str, Any] = {"error": big} if big else measure(
                     method, length, causal, heads=heads, d=d, m=m, repeats=repeats,
-                    threads=threads, gemm_size=gemm_size, device=device, dtype=dtype,
+                    threads=threads, gemm_size=gemm_size, device=device, dtype=dtype, train=train,
                 )  # fmt: skip
-                row = {
-                    "L": length,
-                    "mode": "causal" if causal else "bidirectional",
-                    "method": method,
-                    **r,
-                }
+                row.update(r)
                 if "median_s" in r:
                     rate = 8 * length * m * d * heads / r["median_s"] / 1e9
                     row["gflops"] = rate
-                    row["pct_gemm"] = 100 * rate / r["gemm_gflops"]
+                    if "gemm_gflops" in r:
+                        row["pct_gemm"] = 100 * rate / r["gemm_gflops"]
                 rows.append(row)
                 _print_row(row)
                 # the rows so far, should the run be stopped (the full result replaces them)
-                (out_dir / "bench.json").write_text(json.dumps({"rows": rows}, indent=1))
+                (out_dir / name).write_text(json.dumps({"rows": rows}, indent=1))
     gemm = {
         b: statistics.median(
             r["gemm_gflops"] for r in rows if "gemm_gflops" in r and BACKEND_OF[r["method"]] == b
@@ -344,66 +470,71 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
     }
     ratios = _ratios(rows)
     result = {"shape": {"heads": heads, "d": d, "m": m, "dtype": dtype, "threads": threads,
-                        "device": device},
-              "gemm_gflops": gemm, "rows": rows, "ratios": ratios}  # fmt: skip
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-    print(
-        f"\nGEMM rate ({gemm_size}^3 {dtype} on the {device}, median over the cases' own "
-        "measurements): " + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in gemm.items())
-    )
+                        "device": device, "measure": what},
+              "gemm_gflops": gemm, "rows": rows, "ratios": ratios, "skipped": skipped}  # fmt: skip
+    (out_dir / name).write_text(json.dumps(result, indent=1))
+    if gemm:
+        print(
+            f"\nGEMM rate ({gemm_size}^3 {dtype} on the {device}, median over the cases' own "
+            "measurements): " + ", ".join(f"{b} {g:.0f} GFLOP/s" for b, g in gemm.items())
+        )
+    print()
     for line in ratios:
         print(line["text"])
     if plots:
-        _plots(rows, out_dir)
+        _plots(result, out_dir, "bench-train" if train else "bench")
     return result
 
 
 def _print_row(row: dict[str, Any]) -> None:
+    head = f"{row['L']:>7} {row['mode']:<14} {row['method']:<18}"
     if "error" in row:
-        print(
-            f"{row['L']:>7} {row['mode']:<14} {row['method']:<16} error: {row['error']}", flush=True
-        )
+        print(f"{head} {row['error']}", flush=True)
         return
-    print(
-        f"{row['L']:>7} {row['mode']:<14} {row['method']:<16} {1e3 * row['median_s']:>10.1f} ms "
-        f"{row['peak_mib']:>9.1f} MiB {row['gflops']:>8.1f} GFLOP/s {row['pct_gemm']:>6.1f} % GEMM "
-        f"({row['gemm_gflops']:.0f})",
-        flush=True,
-    )
+    if "step_ratio" in row:
+        tail = f"{row['step_ratio']:>12.2f}"
+    else:
+        tail = f"{row['gflops']:>8.1f} " + (
+            f"{row['pct_gemm']:>8.1f} % ({row['gemm_gflops']:.0f})" if "pct_gemm" in row else ""
+        )
+    print(f"{head} {1e3 * row['median_s']:>12.1f} {row['peak_mib']:>10.1f} {tail}", flush=True)
+
+
+def _faster(speed: float) -> str:
+    """``2.50x faster`` or ``0.40x: 2.50x slower``."""
+    return f"{speed:6.2f}x faster" if speed >= 1 else f"{1 / speed:6.2f}x slower"
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """favorcore (torch and numpy) against performer and SDPA, same L and mode."""
+    """favorcore against its peers (same L and mode), and the default against FAVOR+."""
     index = {(r["L"], r["mode"], r["method"]): r for r in rows if "median_s" in r}
     out = []
     for (length, mode, method), r in sorted(index.items()):
-        if not method.startswith("favorcore"):
-            continue
+        head = f"L={length:>6} {mode:<14} {method}"
         if method.startswith("favorcore++"):
             base = index.get((length, mode, method.replace("++", "")))
             if base is not None:
                 cost = r["median_s"] / base["median_s"]
                 out.append({
                     "L": length, "mode": mode, "method": method, "peer": base["method"], "cost": cost,
-                    "text": f"L={length:>6} {mode:<14} {method} (FAVOR++ + balance) costs "
-                            f"{cost:5.2f}x {base['method']} (FAVOR+)",
+                    "text": f"{head} (FAVOR++ + balance) costs {cost:5.2f}x {base['method']} (FAVOR+)",
                 })  # fmt: skip
             continue
-        for peer in ("performer", "sdpa"):
+        for peer in PEERS.get(method, ()):
             p = index.get((length, mode, peer))
             if p is None:
                 continue
             speed = p["median_s"] / r["median_s"]
             mem = r["peak_mib"] / p["peak_mib"] if p["peak_mib"] > 0 else float("nan")
             out.append({
-                "L": length, "mode": mode, "method": method, "peer": peer, "speedup": speed, "memory_ratio": mem,
-                "text": f"L={length:>6} {mode:<14} {method} vs {peer}: {speed:6.2f}x faster, "
-                        f"memory {mem:5.2f}x of the peer's",
+                "L": length, "mode": mode, "method": method, "peer": peer, "speedup": speed,
+                "memory_ratio": mem,
+                "text": f"{head} vs {peer}: {_faster(speed)}, memory {mem:5.2f}x the peer's",
             })  # fmt: skip
     return out
 
 
-def _plots(rows: list[dict[str, Any]], out_dir: Path) -> None:
+def _plots(result: dict[str, Any], out_dir: Path, stem: str) -> None:
     try:
         import matplotlib
 
@@ -412,9 +543,13 @@ def _plots(rows: list[dict[str, Any]], out_dir: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots")
         return
-    for key, label, name in (("median_s", "time per call (s)", "bench_time.png"),
-                             ("peak_mib", "peak memory of a call (MiB)", "bench_memory.png")):  # fmt: skip
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    rows, shape = result["rows"], result["shape"]
+    setup = (f"{shape['dtype']}, {shape['device']}, batch 1, {shape['heads']} heads, "
+             f"d = {shape['d']}, m = {shape['m']}, {shape['threads']} threads")  # fmt: skip
+    names = []
+    for key, label, suffix in (("median_s", f"time per {shape['measure']} (s)", "time"),
+                               ("peak_mib", f"peak memory of a {shape['measure']} (MiB)", "memory")):  # fmt: skip
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
         for ax, mode in zip(axes, ("bidirectional", "causal"), strict=True):
             for method in METHODS:
                 pts = [
@@ -428,58 +563,129 @@ def _plots(rows: list[dict[str, Any]], out_dir: Path) -> None:
             ax.set_xlabel("sequence length L")
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel(label)
-        axes[1].legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize="small")
+        fig.suptitle(f"{label.split(' (')[0]}: {setup}", fontsize="medium")
+        fig.savefig(out_dir / f"{stem}_{suffix}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
-    print(f"plots: {out_dir / 'bench_time.png'}, {out_dir / 'bench_memory.png'}")
+        names.append(str(out_dir / f"{stem}_{suffix}.png"))
+    print("plots: " + ", ".join(names))
 
 
-def scale(*, length: int = 2**20, d: int = 64, m: int = 256, threads: int = 2) -> dict[str, Any]:
-    """Causal attention over ``length`` tokens, 1 head, NumPy float32, in a fresh process."""
-    big = measure("favorcore-numpy", length, True, heads=1, d=d, m=m, repeats=1, threads=threads)
-    ref = measure("favorcore-numpy", 16384, True, heads=1, d=d, m=m, repeats=5, threads=threads)
+def scale(*, length: int = 2**20, d: int = 64, m: int = 256, threads: int = 2,
+          train: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Causal attention over ``length`` tokens, 1 head, float32, in a fresh process:
+    NumPy's call, or (``train``) PyTorch's training step."""
+    method = "favorcore-torch" if train else "favorcore-numpy"
+    kw: dict[str, Any] = {"heads": 1, "d": d, "m": m, "threads": threads, "train": train}
+    big = measure(method, length, True, repeats=1, **kw)
+    ref = measure(method, 16384, True, repeats=5, **kw)
+    if "error" in big or "error" in ref:
+        raise RuntimeError(f"the scale run failed: {big.get('error') or ref.get('error')}")
     per_big, per_ref = big["median_s"] / length, ref["median_s"] / 16384
-    result = {"L": length, "process_peak_mib": big["process_peak_mib"], "seconds": big["median_s"],
+    result = {"L": length, "method": method, "train": train,
+              "process_peak_mib": big["process_peak_mib"], "seconds": big["median_s"],
               "per_token_ratio": per_big / per_ref}  # fmt: skip
-    print(f"causal L={length}: {big['median_s']:.1f} s, whole-process peak RSS "
-          f"{big['process_peak_mib']:.0f} MiB, per-token cost {per_big / per_ref:.2f}x that of L=16384")  # fmt: skip
+    what = "training step" if train else "call"
+    print(f"causal {what}, {method}, L={length}: {big['median_s']:.1f} s, whole-process peak "
+          f"RSS {big['process_peak_mib']:.0f} MiB, per-token cost {per_big / per_ref:.2f}x that "
+          "of L=16384")  # fmt: skip
     return result
+
+
+def longest(methods: Sequence[str], *, heads: int, d: int, m: int, threads: int,
+            budget_mib: float, start: int = 16384) -> dict[str, Any]:  # fmt: skip
+    """The longest causal ``L`` (a multiple of ``start / 2``) whose training step keeps
+    the whole process's peak resident set within ``budget_mib``: doubling, then bisecting."""
+    found: dict[str, Any] = {}
+    for method in methods:
+        probes: dict[int, dict[str, Any]] = {}
+
+        def fits(length: int, method: str = method, probes: dict[int, Any] = probes) -> bool:
+            r = measure(method, length, True, heads=heads, d=d, m=m, repeats=1,
+                        threads=threads, train=True)  # fmt: skip
+            probes[length] = r
+            ok = "error" not in r and r["process_peak_mib"] <= budget_mib
+            print(f"{method} causal step L={length}: "
+                  + (r["error"] if "error" in r else f"{r['process_peak_mib']:.0f} MiB, "
+                     f"{r['median_s']:.1f} s") + (" fits" if ok else ""), flush=True)  # fmt: skip
+            return ok
+
+        good, bad = 0, start
+        while fits(bad):
+            good, bad = bad, 2 * bad
+        step = start // 2
+        while bad - good > step:
+            mid = (good + bad) // 2 // step * step
+            good, bad = (mid, bad) if fits(mid) else (good, mid)
+        found[method] = {"longest": good, "probes": probes}
+        print(f"{method}: the longest causal step within {budget_mib:.0f} MiB: L = {good}")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``favorcore bench``: see the module docstring."""
-    p = argparse.ArgumentParser(prog="favorcore bench", description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", help="default: " + "; ".join(
-        f"{k} {' '.join(map(str, v))}" for k, v in LENGTHS.items()))  # fmt: skip
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--m", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--scale", action="store_true", help="only the 2^20-token causal run")
+    p = argparse.ArgumentParser(
+        prog="favorcore bench",
+        description="Side-by-side benchmark of favorcore against exact attention and its "
+        "peers (each case in a fresh subprocess; medians; ratios measured in one run).",
+    )
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: " + "; ".join(
+        f"{k} {' '.join(map(str, v))}" for k, v in LENGTHS.items()) + ")")  # fmt: skip
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
+    p.add_argument("--d", type=int, default=64, help="head dimension (default 64)")
+    p.add_argument("--m", type=int, default=256, help="random features (default 256)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (default 5)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="threads for every method (default: the CPUs available)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   metavar="METHOD", help="default: all; " + ", ".join(METHODS))  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="directory for the JSON and plots")  # fmt: skip
+    p.add_argument("--no-plots", action="store_true", help="do not draw the plots")
+    p.add_argument("--train", action="store_true", help="time training steps (forward + backward)")
+    p.add_argument("--scale", action="store_true",
+                   help="only the 2^20-token causal run (with --train: a PyTorch step)")  # fmt: skip
+    p.add_argument("--longest", action="store_true",
+                   help="only the search for the longest causal step within --budget-mib")  # fmt: skip
+    p.add_argument("--budget-mib", type=float, default=4096,
+                   help="whole-process memory for --longest (default 4096)")  # fmt: skip
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="gpu: PyTorch on CUDA, CuPy, JAX on its GPU (NumPy is left out)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="of the inputs (favorcore computes bfloat16 in float32)")  # fmt: skip
-    p.add_argument("--gemm-size", type=int, help="n of the n^3 GEMM (default: cpu 4096, gpu 8192)")
+    p.add_argument("--gemm-size", type=int,
+                   help="n of the n^3 GEMM (default: cpu 4096, gpu 8192; 0 with --train)")  # fmt: skip
     a = p.parse_args(argv)
     a.lengths = a.lengths or LENGTHS[a.device]
-    a.gemm_size = a.gemm_size or (8192 if a.device == "gpu" else 4096)
-    if any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads, a.gemm_size)):
-        p.error("lengths, heads, d, m, repeats, threads and gemm-size must be positive")
-    if a.scale and (a.device, a.dtype) != ("cpu", "float32"):
-        p.error("--scale runs NumPy on the CPU in float32")
+    if a.gemm_size is None:
+        a.gemm_size = 0 if a.train else (8192 if a.device == "gpu" else 4096)
+    if (
+        any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads))
+        or a.gemm_size < 0
+    ):
+        p.error("lengths, heads, d, m, repeats and threads must be positive (gemm-size >= 0)")
+    if (a.scale or a.longest) and (a.device, a.dtype) != ("cpu", "float32"):
+        p.error("--scale and --longest run on the CPU in float32")
+    a.out.mkdir(parents=True, exist_ok=True)
     if a.scale:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "scale.json").write_text(
-            json.dumps(scale(d=a.d, m=a.m, threads=a.threads), indent=1)
+        result = scale(d=a.d, m=a.m, threads=a.threads, train=a.train)
+        (a.out / ("scale-train.json" if a.train else "scale.json")).write_text(
+            json.dumps(result, indent=1)
         )
         return 0
-    bench(a.lengths, heads=a.heads, d=a.d, m=a.m, repeats=a.repeats, threads=a.threads,
-          methods=a.methods, out_dir=a.out, plots=not a.no_plots, gemm_size=a.gemm_size,
-          device=a.device, dtype=a.dtype)  # fmt: skip
+    if a.longest:
+        methods = [
+            x for x in ("favorcore-torch", "favorcore-jax") if not unavailable(x, train=True)
+        ]
+        result = longest(methods, heads=a.heads, d=a.d, m=a.m, threads=a.threads,
+                         budget_mib=a.budget_mib)  # fmt: skip
+        (a.out / "longest.json").write_text(json.dumps(result, indent=1))
+        return 0
+    result = bench(a.lengths, heads=a.heads, d=a.d, m=a.m, repeats=a.repeats, threads=a.threads,
+                   methods=a.methods, out_dir=a.out, plots=not a.no_plots, gemm_size=a.gemm_size,
+                   device=a.device, dtype=a.dtype, train=a.train)  # fmt: skip
+    if not any("median_s" in r for r in result["rows"]):
+        print("nothing ran: see the reasons above", file=sys.stderr)
+        return 1
     return 0
