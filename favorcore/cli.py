@@ -168,9 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from favorcore_backends.bench import main as bench_main
 
         return bench_main(args_list[1:])
+    if args_list[:1] == ["protein"]:  # protein language models (favorcore[protein])
+        from favorcore_backends.protein.cli import main as protein_main
+
+        return protein_main(args_list[1:])
     parser = argparse.ArgumentParser(prog="favorcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="side-by-side benchmark (see favorcore bench --help)")
+    sub.add_parser("protein", help="train/evaluate protein LMs (see favorcore protein --help)")
     p_demo = sub.add_parser("demo", help="FAVOR+ vs exact attention: error and run time")
     p_demo.add_argument("--lengths", type=_positive_int, nargs="+", default=[512, 2048, 8192])
     p_demo.add_argument("--heads", type=_positive_int, default=4)

@@ -1,0 +1,533 @@
+"""``favorcore protein``: train and evaluate a protein language model (Performer or exact).
+
+``favorcore protein --out DIR [options]`` trains a :class:`~favorcore_backends.models.PerformerLM`
+on FASTA files (``--fasta``, repeatable; by default the proteome bundled with pyhmmer),
+masked (``--mode mlm``) or autoregressive (``--mode causal``), on single proteins clipped
+to ``--length`` or on proteins concatenated into sequences of ``--length`` (``--concat``),
+and writes to ``DIR``: ``checkpoint.pt`` (model, optimiser, RNG, data position; loadable
+with ``torch.load(..., weights_only=True)``; ``--resume`` continues it and reproduces an
+uninterrupted run), ``metrics.json`` (held-out accuracy and perplexity with the count of
+scored positions and a bootstrap interval, beside the unigram baseline) and
+``learning_curve.png`` (when matplotlib is installed).
+
+``favorcore protein convert --from DIR --out DIR2`` takes a trained model (typically
+``--attention exact``), swaps every attention for FAVOR without training (several ``m``,
+FAVOR++ with the balance and plain FAVOR+), evaluates each, then fine-tunes the FAVOR++
+model briefly and writes ``conversion.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="favorcore protein", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    p.add_argument("--fasta", action="append", type=Path, help="FASTA file (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--steps", type=_positive, default=100, help="total training steps")
+    p.add_argument("--mode", choices=["mlm", "causal"], default="mlm")
+    p.add_argument("--attention", choices=["favor", "favor+", "exact"], default="favor",
+                   help="favor: FAVOR++ with the balance (calibrated statistics when causal); "
+                        "favor+: plain FAVOR+ (orthogonal, no balance); exact: SDPA")  # fmt: skip
+    p.add_argument("--m", type=_positive, default=256, help="random features")
+    p.add_argument("--d-model", type=_positive, default=128)
+    p.add_argument("--heads", type=_positive, default=4)
+    p.add_argument("--layers", type=_positive, default=2)
+    p.add_argument("--d-ff", type=_positive, default=None)
+    p.add_argument("--positions", choices=["rotary", "learned"], default="rotary")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--length", type=_positive, default=512, help="tokens per sequence")
+    p.add_argument("--concat", action="store_true", help="pack proteins into long sequences")
+    p.add_argument("--no-segments", action="store_true",
+                   help="with --concat: attend across protein boundaries")  # fmt: skip
+    p.add_argument("--window", action="store_true",
+                   help="single proteins: all windows of --length (default: clip)")  # fmt: skip
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--held-out", type=float, default=0.1, help="fraction of proteins held out")
+    p.add_argument("--eval-proteins", type=int, default=200,
+                   help="held-out proteins evaluated (0: all)")  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    p.add_argument("--calibrate-every", type=int, default=0,
+                   help="causal FAVOR: recalibrate the statistics every this many steps "
+                        "(0: train with the map's causal form; evaluation is calibrated)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--budget-seconds", type=float, default=None, help="wall-clock budget")
+    p.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    return p
+
+
+# -- setup --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    tok: Any
+    train: list[Any]
+    test: list[Any]
+    data: dict[str, Any]
+    unigram: np.ndarray
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    from . import data
+
+    paths = args.fasta or [data.default_fasta()]
+    records = [r for p in paths for r in data.read_fasta(p)]
+    records = [r for r in records if r[1]]
+    train_rec, test_rec = data.split_proteins(records, held_out=args.held_out, seed=args.seed)
+    if args.eval_proteins:
+        test_rec = test_rec[: args.eval_proteins]
+    tok = data.Tokenizer()
+    seqs = [s for _, s in train_rec]
+    held = [s for _, s in test_rec]
+    if args.concat:
+        segments = not args.no_segments
+        train = data.concatenated_examples(seqs, tok, args.length, segments=segments)
+        test = data.concatenated_examples(held, tok, args.length, segments=segments)
+    else:
+        train = data.single_examples(seqs, tok, args.length, window=args.window)
+        test = data.single_examples(held, tok, args.length, window=args.window)
+    counts = np.zeros(len(tok))
+    for e in train:
+        counts += np.bincount(e.tokens, minlength=len(tok))
+    counts[: tok.first_residue] = 0
+    unigram = (counts + 1.0) / (counts + 1.0)[tok.first_residue :].sum()
+    unigram[: tok.first_residue] = 0.0
+    info = {
+        "files": [str(p) for p in paths],
+        "proteins": {"train": len(train_rec), "held_out": len(test_rec)},
+        "residues": {"train": int(sum(map(len, seqs))), "held_out": int(sum(map(len, held)))},
+        "examples": {"train": len(train), "held_out": len(test)},
+        "split": f"random by protein (seed {args.seed}); paralogs of one proteome fall on "
+        "both sides, so held-out figures are optimistic",
+    }
+    return Setup(tok, train, test, info, unigram)
+
+
+def _model(args: argparse.Namespace, vocab: int) -> Any:
+    from favorcore_backends.models import PerformerConfig, PerformerLM
+
+    cfg = PerformerConfig(
+        vocab_size=vocab, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
+        d_ff=args.d_ff, max_len=args.length, positions=args.positions,
+        attention="exact" if args.attention == "exact" else "favor", dropout=args.dropout,
+    )  # fmt: skip
+    return PerformerLM(cfg, **_favor_kwargs(args.attention, args.m, args.seed))
+
+
+def _favor_kwargs(attention: str, m: int, seed: int) -> dict[str, Any]:
+    import favorcore
+
+    if attention == "favor+":
+        return {"features": favorcore.PositiveFeatures(m=m, seed=seed), "balance": False}
+    if attention == "favor":
+        return {"features": favorcore.OptimalPositiveFeatures(m=m, seed=seed), "balance": True}
+    return {}
+
+
+def _generator(*key: int) -> Any:
+    """A torch generator seeded from ``key`` (training step ``(seed, 0, step)``, evaluation
+    ``(seed, 1)``): masks depend on the step only, so a resumed run draws the same ones."""
+    import torch
+
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    )
+
+
+def _inputs_targets(batch: Any, mode: str, tok: Any, gen: Any, *, residues_only: bool) -> Any:
+    """Model inputs and targets (-100: not scored) of a batch; targets aligned with logits."""
+    import torch
+
+    from .data import mask_tokens
+
+    if mode == "mlm":
+        return mask_tokens(batch.tokens, tok, gen)
+    nxt = batch.tokens[:, 1:]
+    keep = batch.key_mask[:, 1:] & batch.key_mask[:, :-1]
+    if batch.segment_ids is not None:
+        keep &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
+    if residues_only:
+        keep &= tok.is_residue(nxt)
+    targets = torch.full_like(batch.tokens, -100)
+    targets[:, :-1] = torch.where(keep, nxt, -100)
+    return batch.tokens, targets
+
+
+def _forward(model: Any, inputs: Any, batch: Any, mode: str, device: Any) -> Any:
+    return model(
+        inputs.to(device), causal=mode == "causal", key_mask=batch.key_mask.to(device),
+        segment_ids=None if batch.segment_ids is None else batch.segment_ids.to(device),
+    )  # fmt: skip
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+def _bootstrap(
+    per_example: np.ndarray, seed: int, draws: int = 1000
+) -> tuple[list[float], list[float]]:
+    """95 % intervals of accuracy and perplexity, resampling held-out examples."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_example), (draws, len(per_example)))
+    sums = per_example[idx].sum(axis=1)  # (draws, 3): correct, nll, count
+    count = np.maximum(sums[:, 2], 1)
+    acc, ppl = sums[:, 0] / count, np.exp(sums[:, 1] / count)
+    return (np.percentile(acc, [2.5, 97.5]).tolist(), np.percentile(ppl, [2.5, 97.5]).tolist())
+
+
+def _summary(per_example: np.ndarray, seed: int) -> dict[str, Any]:
+    total = per_example.sum(axis=0)
+    n = int(total[2])
+    acc_ci, ppl_ci = _bootstrap(per_example, seed)
+    return {
+        "accuracy": float(total[0] / max(n, 1)),
+        "perplexity": float(math.exp(total[1] / max(n, 1))),
+        "cross_entropy": float(total[1] / max(n, 1)),
+        "positions": n,
+        "accuracy_ci95": acc_ci,
+        "perplexity_ci95": ppl_ci,
+    }
+
+
+def evaluate(
+    model: Any, s: Setup, args: argparse.Namespace, device: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Held-out metrics of ``model`` and of the unigram baseline, on the same positions
+    (MLM: the same masks for every model, from a fixed seed)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import collate
+
+    gen = _generator(args.seed, 1)
+    log_uni = torch.as_tensor(np.log(np.where(s.unigram > 0, s.unigram, 1.0)))
+    best_uni = int(np.argmax(s.unigram))
+    rows, uni_rows = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(s.test), args.batch_size):
+            batch = collate(s.test[i : i + args.batch_size], s.tok)
+            inputs, targets = _inputs_targets(batch, args.mode, s.tok, gen, residues_only=True)
+            logits = _forward(model, inputs, batch, args.mode, device).float().cpu()
+            scored = targets != -100
+            nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+            correct = (logits.argmax(-1) == targets) & scored
+            uni_nll = -log_uni[targets.clamp(min=0)]
+            for r in range(len(targets)):
+                sel = scored[r]
+                rows.append([float(correct[r].sum()), float(nll[r][sel].sum()), float(sel.sum())])
+                uni_rows.append([float((targets[r][sel] == best_uni).sum()),
+                                 float(uni_nll[r][sel].sum()), float(sel.sum())])  # fmt: skip
+    model.train(was_training)
+    return _summary(np.array(rows), args.seed), _summary(np.array(uni_rows), args.seed)
+
+
+def _calibration_batch(s: Setup, args: argparse.Namespace) -> Any:
+    from .data import collate
+
+    return collate(s.train[: max(args.batch_size, 8)], s.tok)
+
+
+def evaluate_calibrated(
+    model: Any, s: Setup, args: argparse.Namespace, device: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`evaluate`; causal FAVOR models uncalibrated are calibrated on training data
+    for the evaluation only."""
+    if args.mode != "causal" or model.features is None or not model.attention_modules()[0].balance:
+        return evaluate(model, s, args, device)
+    if model.attention_modules()[0].statistics is not None:
+        return evaluate(model, s, args, device)
+    b = _calibration_batch(s, args)
+    with model.calibrated(b.tokens.to(device), key_mask=b.key_mask.to(device),
+                          segment_ids=None if b.segment_ids is None else b.segment_ids.to(device)):  # fmt: skip
+        return evaluate(model, s, args, device)
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _peak_memory(device: Any) -> dict[str, Any]:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return {"cuda_max_allocated_bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {"max_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _plot(out: Path, history: dict[str, Any], title: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [h["step"] for h in history["train"]]
+    a.plot(steps, [h["loss"] for h in history["train"]])
+    a.set(xlabel="step", ylabel="training loss", title=title)
+    if history["eval"]:
+        b.plot([h["step"] for h in history["eval"]], [h["accuracy"] for h in history["eval"]], "o-")
+    b.set(xlabel="step", ylabel="held-out accuracy")
+    fig.tight_layout()
+    path = out / "learning_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def train(
+    args: argparse.Namespace,
+    model: Any = None,
+    s: Setup | None = None,
+    *,
+    log_name: str = "metrics.json",
+) -> dict[str, Any]:
+    """Train (or continue, ``args.resume``) and evaluate; returns the metrics written."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import Batches
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    s = _setup(args) if s is None else s
+    model = (_model(args, len(s.tok)) if model is None else model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    batches = Batches(s.train, args.batch_size, s.tok, args.seed)
+    ckpt = args.out / "checkpoint.pt"
+    step, elapsed = 0, 0.0
+    history: dict[str, Any] = {"train": [], "eval": []}
+    if args.resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True, map_location=device)
+        if saved["config"] != model.config.to_dict():
+            raise SystemExit(f"{ckpt}: saved with another model configuration ({saved['config']})")
+        model.load_state_dict(saved["model"])
+        model.load_favor_state(saved["favor"])
+        opt.load_state_dict(saved["optimizer"])
+        batches.load_state(saved["data"])
+        torch.set_rng_state(saved["rng"])
+        step, elapsed, history = int(saved["step"]), float(saved["elapsed"]), saved["history"]
+
+    def checkpoint() -> None:
+        _save(ckpt, {
+            "model": model.state_dict(), "favor": model.favor_state(),
+            "optimizer": opt.state_dict(), "data": batches.state(), "rng": torch.get_rng_state(),
+            "step": step, "elapsed": elapsed, "history": history,
+            "config": model.config.to_dict(), "args": _args_dict(args),
+        })  # fmt: skip
+
+    progress = None
+    if sys.stderr.isatty():
+        from favorcore.cli import Progress
+
+        progress = Progress(args.steps, "favorcore protein")
+        progress.done = step
+    calibrates = (args.mode == "causal" and args.calibrate_every and model.features is not None
+                  and model.attention_modules()[0].balance)  # fmt: skip
+    start = time.monotonic() - elapsed
+    model.train()
+    stopped = "steps"
+    while step < args.steps:
+        if args.budget_seconds is not None and time.monotonic() - start >= args.budget_seconds:
+            stopped = "budget"
+            break
+        batch = next(batches)
+        if calibrates and step % args.calibrate_every == 0:
+            model.calibrate(batch.tokens.to(device), key_mask=batch.key_mask.to(device),
+                            segment_ids=None if batch.segment_ids is None
+                            else batch.segment_ids.to(device))  # fmt: skip
+        inputs, targets = _inputs_targets(
+            batch, args.mode, s.tok, _generator(args.seed, 0, step), residues_only=False
+        )
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        logits = _forward(model, inputs, batch, args.mode, device)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed = time.monotonic() - start
+        history["train"].append({"step": step, "loss": loss.item(), "seconds": elapsed})
+        if progress is not None:
+            progress.advance(f"loss {loss.item():.3f}")
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            paused = time.monotonic()
+            metrics, _ = evaluate_calibrated(model, s, args, device)
+            history["eval"].append({"step": step, "seconds": elapsed, **metrics})
+            start += time.monotonic() - paused  # (training time excludes evaluations)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            checkpoint()
+    final, unigram = evaluate_calibrated(model, s, args, device)
+    if not history["eval"] or history["eval"][-1]["step"] != step:
+        history["eval"].append({"step": step, "seconds": elapsed, **final})
+    checkpoint()
+    trained = history["train"]
+    per_step = (trained[-1]["seconds"] / len(trained)) if trained else None
+    times = np.diff([0.0] + [h["seconds"] for h in trained])
+    median_step = float(np.median(times)) if len(times) else None
+    result = {
+        "command": ["favorcore", "protein", *getattr(args, "argv", [])],
+        "mode": args.mode, "attention": args.attention, "steps": step, "stopped": stopped,
+        "train_seconds": elapsed, "seconds_per_step": per_step, "median_step_seconds": median_step, "device": str(device),
+        "threads": torch.get_num_threads(), "memory": _peak_memory(device),
+        "config": model.config.to_dict(), "args": _args_dict(args), "data": s.data,
+        "metric": "masked-residue" if args.mode == "mlm" else "next-residue",
+        "held_out": final, "unigram": unigram, "history": history,
+    }  # fmt: skip
+    result["plot"] = _plot(args.out, history, f"{args.mode}, {args.attention}")
+    (args.out / log_name).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list)
+                else v) for k, v in vars(args).items() if k != "argv"}  # fmt: skip
+
+
+# -- conversion ---------------------------------------------------------------------------
+
+
+def convert(argv: Sequence[str]) -> dict[str, Any]:
+    """Exact (or any) trained model -> FAVOR without training, evaluated; then fine-tuned."""
+    import torch
+
+    from favorcore_backends.models import PerformerLM, exact_to_favor
+    from favorcore_backends.models.performer import PerformerConfig
+
+    p = argparse.ArgumentParser(prog="favorcore protein convert")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="a training DIR")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--m", type=_positive, nargs="+", default=[64, 128, 256, 512, 1024])
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (0: none)")
+    p.add_argument("--fine-tune-m", type=_positive, default=256)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--lr", type=float, default=None, help="default: the source run's")
+    p.add_argument("--threads", type=_positive, default=None)
+    p.add_argument("--device", default=None)
+    opts = p.parse_args(list(argv))
+    saved = torch.load(opts.source / "checkpoint.pt", weights_only=True, map_location="cpu")
+    args = argparse.Namespace(**saved["args"])
+    args.fasta = [Path(f) for f in args.fasta] if args.fasta else None
+    args.out, args.resume, args.budget_seconds = opts.out, False, None
+    args.threads = opts.threads or args.threads
+    if opts.device:
+        args.device = opts.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    s = _setup(args)
+    source = PerformerLM(
+        PerformerConfig(**saved["config"]), **_favor_kwargs(args.attention, args.m, args.seed)
+    )
+    source.load_state_dict(saved["model"])
+    source.load_favor_state(saved["favor"])
+    source.to(device)
+    base, _unigram = evaluate_calibrated(source, s, args, device)
+    rows = []
+    for attention in ("favor", "favor+"):
+        for m in opts.m:
+            new = exact_to_favor(source, **_favor_kwargs(attention, m, args.seed))
+            metrics, _ = evaluate_calibrated(new, s, args, device)
+            rows.append({"attention": attention, "m": m, **metrics,
+                         "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
+    result: dict[str, Any] = {
+        "source": str(opts.source), "source_attention": args.attention, "mode": args.mode,
+        "source_metrics": base, "unigram": _unigram, "converted": rows,
+    }  # fmt: skip
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if opts.steps:
+        tuned = exact_to_favor(source, **_favor_kwargs("favor", opts.fine_tune_m, args.seed))
+        args.steps, args.eval_every, args.attention, args.m = (
+            opts.steps,
+            opts.eval_every,
+            "favor",
+            opts.fine_tune_m,
+        )
+        args.warmup = 0
+        if opts.lr is not None:
+            args.lr = opts.lr
+        args.argv = ["convert", *argv]
+        fine = train(args, tuned, s, log_name="fine_tune.json")
+        result["fine_tune"] = {"m": opts.fine_tune_m, "curve": fine["history"]["eval"],
+                               "final": fine["held_out"]}  # fmt: skip
+    (opts.out / "conversion.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``favorcore protein [convert] ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "favorcore protein needs PyTorch: pip install 'favorcore[protein]'"
+        ) from None
+    if argv[:1] == ["convert"]:
+        result = convert(argv[1:])
+        print(
+            json.dumps(
+                {"source": result["source_metrics"], "converted": result["converted"]}, indent=1
+            )
+        )
+        return 0
+    args = _parser().parse_args(argv)
+    if args.no_segments and not args.concat:
+        raise SystemExit("--no-segments needs --concat")
+    args.argv = argv
+    result = train(args)
+    print(
+        json.dumps(
+            {k: result[k] for k in ("steps", "stopped", "seconds_per_step", "held_out", "unigram")},
+            indent=1,
+        )
+    )
+    return 0

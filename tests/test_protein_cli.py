@@ -1,0 +1,107 @@
+"""``favorcore protein``: a tiny training run, resumption, metrics, conversion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="favorcore protein needs torch")
+
+from favorcore_backends.protein import AMINO_ACIDS
+from favorcore_backends.protein.cli import main
+
+from favorcore.cli import main as favorcore_main
+
+TINY = ["--d-model", "16", "--heads", "2", "--layers", "1", "--m", "16", "--length", "24",
+        "--batch-size", "4", "--threads", "1", "--warmup", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("fasta") / "tiny.faa"
+    letters = np.array(list(AMINO_ACIDS))
+    path.write_text("".join(
+        f">p{i}\n{''.join(rng.choice(letters, rng.integers(8, 40)))}\n" for i in range(30)
+    ))  # fmt: skip
+    return path
+
+
+def _run(fasta, out, *extra):
+    assert main(["--fasta", str(fasta), "--out", str(out), *TINY, *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--mode", "mlm"),
+        ("--mode", "causal", "--concat", "--calibrate-every", "2"),
+        ("--mode", "mlm", "--attention", "exact", "--concat", "--no-segments"),
+    ],
+)
+def test_resumed_run_reproduces_uninterrupted(fasta, tmp_path, extra, capsys):
+    whole = _run(fasta, tmp_path / "a", "--steps", "6", *extra)
+    _run(fasta, tmp_path / "b", "--steps", "3", *extra)
+    resumed = _run(fasta, tmp_path / "b", "--steps", "6", "--resume", *extra)
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["data"] == b["data"]
+    assert [h["loss"] for h in whole["history"]["train"]] == [
+        h["loss"] for h in resumed["history"]["train"]
+    ]
+    assert whole["held_out"] == resumed["held_out"]
+    capsys.readouterr()
+
+
+def test_metrics_json(fasta, tmp_path, capsys):
+    m = _run(fasta, tmp_path, "--steps", "2", "--mode", "causal")
+    for key in ("held_out", "unigram"):
+        r = m[key]
+        assert r["positions"] > 0
+        assert 0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1
+        assert r["perplexity"] == pytest.approx(np.exp(r["cross_entropy"]))
+    assert m["held_out"]["positions"] == m["unigram"]["positions"]
+    assert m["unigram"]["perplexity"] < 21  # residue frequencies beat uniform (20 letters)
+    assert m["data"]["proteins"] == {"train": 27, "held_out": 3}
+    assert "paralogs" in m["data"]["split"]
+    assert (tmp_path / "learning_curve.png").exists() == (m["plot"] is not None)
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
+def test_budget_stops_and_checkpoints(fasta, tmp_path, capsys):
+    m = _run(fasta, tmp_path, "--steps", "50", "--budget-seconds", "0")
+    assert (m["steps"], m["stopped"]) == (0, "budget")
+    assert _state(tmp_path)["step"] == 0
+    capsys.readouterr()
+
+
+def test_convert_exact_to_favor(fasta, tmp_path, capsys):
+    _run(fasta, tmp_path / "exact", "--steps", "3", "--attention", "exact")
+    out = tmp_path / "conv"
+    argv = ["convert", "--from", str(tmp_path / "exact"), "--out", str(out), "--m", "16", "32",
+            "--steps", "2", "--eval-every", "1"]  # fmt: skip
+    assert favorcore_main(["protein", *argv]) == 0
+    result = json.loads((out / "conversion.json").read_text())
+    assert [(r["attention"], r["m"]) for r in result["converted"]] == [
+        ("favor", 16),
+        ("favor", 32),
+        ("favor+", 16),
+        ("favor+", 32),
+    ]
+    assert [p["step"] for p in result["fine_tune"]["curve"]] == [1, 2]
+    assert result["source_metrics"]["positions"] == result["converted"][0]["positions"]
+    capsys.readouterr()
+
+
+def test_cli_errors(fasta, tmp_path):
+    with pytest.raises(SystemExit, match="--concat"):
+        main(["--fasta", str(fasta), "--out", str(tmp_path), "--no-segments"])
