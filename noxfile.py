@@ -27,7 +27,7 @@ TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
 BACKENDS: dict[str, tuple[str, list[str], list[str]]] = {
     "numpy": ("numpy", ["scikit-learn"], ["favorcore", "favorcore_backends.numpy"]),
     "array_api_strict": ("array_api_strict", [], []),
-    "torch": ("torch,torch_cuda", [TORCH, "transformers"], ["favorcore_backends.torch"]),
+    "torch": ("torch,torch_cuda", [TORCH, "transformers", "pyhmmer"], ["favorcore_backends.torch"]),
     "jax": ("jax", ["jax", "flax"], ["favorcore_backends.jax", "favorcore_backends.flax"]),
     "dask": ("dask", ["dask[array,distributed]"], ["favorcore_backends.dask"]),
     "cupy": (

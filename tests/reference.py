@@ -110,3 +110,30 @@ def naive_favor(
     num, den = out1[..., :-1], out1[..., -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, 0.0), kv
+
+
+def favor_plus(xp, q, k, v, w, *, allowed, scale, kv0=None):
+    """FAVOR+ from the formulas, quadratic, in any array API namespace ``xp`` (so that
+    the framework's autodiff of it is an independent reference for the gradient).
+
+    ``allowed`` is a boolean ``(..., Lq, Lk)`` of the keys each query may attend to
+    (causality, padding, documents: the caller's), broadcast against the heads; ``kv0``
+    a state ``(..., m, dv + 1)`` every query also attends to. Rows with no weight give 0.
+    """
+    x, y = math.sqrt(scale) * q, math.sqrt(scale) * k
+    m = w.shape[0]
+
+    def phi(u):
+        return xp.exp(
+            u @ xp.matrix_transpose(w) - xp.sum(u * u, axis=-1, keepdims=True) / 2
+        ) / math.sqrt(m)
+
+    qf, kf = phi(x), phi(y)
+    scores = xp.where(allowed, qf @ xp.matrix_transpose(kf), 0.0)
+    v1 = xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=v.dtype)], axis=-1)
+    out1 = scores @ v1
+    if kv0 is not None:
+        out1 = out1 + qf @ kv0
+    num, den = out1[..., :-1], out1[..., -1:]
+    safe = xp.where(den > 0, den, 1.0)
+    return xp.where(den > 0, num / safe, 0.0)
