@@ -103,6 +103,41 @@ def _bench_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_table() -> str:
+    path = HERE / "_static" / "bench" / "bench-train.json"
+    if not path.exists():
+        return "*No training results yet: run `nox -s bench -- --train`.*\n"
+    data = json.loads(path.read_text())
+    shape = data["shape"]
+    lines = [
+        f"A training step (forward and backward of the output's sum), {shape['dtype']} on the "
+        f"{shape['device']}, batch 1, {shape['heads']} heads, d = {shape['d']}, "
+        f"m = {shape['m']}, {shape['threads']} threads; the median of the steps, the step's "
+        "peak memory, and the step's time over the forward's (timed alternately in the same "
+        "process).",
+        "",
+        "| L | mode | method | ms per step | peak MiB | step / forward |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        if "median_s" not in r:
+            lines.append(f"| {r['L']} | {r['mode']} | {r['method']} | {r['error']} | | |")
+            continue
+        lines.append(
+            f"| {r['L']} | {r['mode']} | {r['method']} | {1e3 * r['median_s']:.1f} | "
+            f"{r['peak_mib']:.0f} | {r['step_ratio']:.2f} |"
+        )
+    lines += ["", "| L | mode | favorcore | peer | step speed-up | memory vs peer |",
+              "|---:|---|---|---|---:|---:|"]  # fmt: skip
+    for r in data["ratios"]:
+        if "speedup" in r:
+            lines.append(
+                f"| {r['L']} | {r['mode']} | {r['method']} | {r['peer']} | {r['speedup']:.2f}x | "
+                f"{r['memory_ratio']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _support_table() -> str:
     from favorcore_backends.support import SUPPORT
 
@@ -119,6 +154,7 @@ def _support_table() -> str:
 
 
 (GENERATED / "bench_table.md").write_text(_bench_table())
+(GENERATED / "train_table.md").write_text(_train_table())
 (GENERATED / "support_table.md").write_text(_support_table())
 if not os.environ.get("FAVORCORE_DOCS_SKIP_FIGURES"):
     sys.argv = ["figures.py", str(HERE / "_static" / "figures")]
