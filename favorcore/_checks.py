@@ -16,8 +16,8 @@ __all__ = [
     "check_devices",
     "check_finite",
     "check_mask",
-    "check_rank",
     "check_qkv",
+    "check_rank",
     "check_scale",
     "check_shape",
 ]

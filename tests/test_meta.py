@@ -47,16 +47,20 @@ def test_state_and_softmax_attention_on_meta_tensors() -> None:
     assert out.device.type == state.kv.device.type == "meta"
     assert state.kv.shape == (2, 3, 256, 6)  # the default map's m = 256; dv + 1 columns
     step = fc.favor_attention(q[..., :1, :], k[..., :1, :], v[..., :1, :], causal=True, state=state)
-    assert step.shape == (2, 3, 1, 5) and step.device.type == "meta"
+    assert step.shape == (2, 3, 1, 5)
+    assert step.device.type == "meta"
     exact = fc.softmax_attention(q, k, v, causal=True)
-    assert exact.shape == (2, 3, 40, 5) and exact.device.type == "meta"
+    assert exact.shape == (2, 3, 40, 5)
+    assert exact.device.type == "meta"
 
 
 def test_meta_tensors_with_autograd() -> None:
     q, k, v = (t.requires_grad_() for t in _inputs("meta"))
     out = fc.favor_attention(q, k, v, features=fc.PositiveFeatures(m=16, seed=0), causal=True)
     out.sum().backward()
-    assert q.grad is not None and q.grad.shape == q.shape and q.grad.device.type == "meta"
+    assert q.grad is not None
+    assert q.grad.shape == q.shape
+    assert q.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("kwargs", CASES)
@@ -69,7 +73,8 @@ def test_favor_attention_under_fake_tensor_mode(kwargs: dict) -> None:
         assert out.dtype == torch.float32
         assert out.device.type == "cpu"
         exact = fc.softmax_attention(q, k, v)
-        assert fake_tensor.is_fake(exact) and exact.shape == (2, 3, 40, 5)
+        assert fake_tensor.is_fake(exact)
+        assert exact.shape == (2, 3, 40, 5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -80,7 +85,8 @@ def test_module_builds_and_runs_under_the_meta_device(causal: bool) -> None:
         mask = torch.zeros(2, 24, dtype=torch.bool)
         out, weights = attn(x, x, x, is_causal=causal, key_padding_mask=None if causal else mask)
     assert weights is None
-    assert out.shape == (2, 24, 32) and out.device.type == "meta"
+    assert out.shape == (2, 24, 32)
+    assert out.device.type == "meta"
     assert all(p.device.type == "meta" for p in attn.parameters())
     attn.train()
     attn.redraw_interval = 1
@@ -96,7 +102,8 @@ def test_module_materialised_from_meta_runs_on_the_cpu() -> None:
     attn.load_state_dict(ftorch.FavorAttention(32, 4, batch_first=True).state_dict())
     x = torch.randn(2, 24, 32)
     out, _ = attn(x, x, x)
-    assert out.shape == (2, 24, 32) and bool(torch.isfinite(out).all())
+    assert out.shape == (2, 24, 32)
+    assert bool(torch.isfinite(out).all())
 
 
 def test_module_under_fake_tensor_mode() -> None:
@@ -104,4 +111,5 @@ def test_module_under_fake_tensor_mode() -> None:
     with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.randn(2, 24, 32)
         out, _ = attn(x, x, x, is_causal=True)
-        assert fake_tensor.is_fake(out) and out.shape == (2, 24, 32)
+        assert fake_tensor.is_fake(out)
+        assert out.shape == (2, 24, 32)
