@@ -121,9 +121,11 @@ def _bench_summary() -> str:
     methods = [(m, name) for m, name in methods if any(k[2] == m for k in index)]
     lengths = [n for n in (2048, 8192, 16384) if any(k[0] == n for k in index)]
     lines = [
-        f"Time per call in ms (peak memory of the call in MiB): {shape['dtype']} on the "
-        f"{shape.get('device', 'cpu')}, {shape['threads']} threads, batch 1, "
-        f"{shape['heads']} heads, d = {shape['d']}, m = {shape['m']}.",
+        (
+            f"Time per call in ms (peak memory of the call in MiB): {shape['dtype']} on the "
+            f"{shape.get('device', 'cpu')}, {shape['threads']} threads, batch 1, "
+            f"{shape['heads']} heads, d = {shape['d']}, m = {shape['m']}."
+        ),
         "",
         "| L | mode | " + " | ".join(name for _, name in methods) + " |",
         "|---:|---|" + "---:|" * len(methods),
