@@ -1,7 +1,7 @@
 """Sphinx configuration: MyST pages, API reference from the numpydoc docstrings.
 
 At build time it runs ``scripts/figures.py`` (the accuracy figures) and renders the
-benchmark table (from ``_static/bench/bench.json``, written by ``nox -s bench``) and the
+benchmark tables (from ``_static/bench/bench.json``, written by ``nox -s bench``) and the
 backend support matrix (from ``favorcore_backends.support``) into ``_generated/``.
 """
 
@@ -110,11 +110,13 @@ def _train_table() -> str:
     data = json.loads(path.read_text())
     shape = data["shape"]
     lines = [
-        f"A training step (forward and backward of the output's sum), {shape['dtype']} on the "
-        f"{shape['device']}, batch 1, {shape['heads']} heads, d = {shape['d']}, "
-        f"m = {shape['m']}, {shape['threads']} threads; the median of the steps, the step's "
-        "peak memory, and the step's time over the forward's (timed alternately in the same "
-        "process).",
+        (
+            f"A training step (forward and backward of the output's sum), {shape['dtype']} on the "
+            f"{shape['device']}, batch 1, {shape['heads']} heads, d = {shape['d']}, "
+            f"m = {shape['m']}, {shape['threads']} threads; the median of the steps, the step's "
+            "peak memory, and the step's time over the forward's (timed alternately in the same "
+            "process)."
+        ),
         "",
         "| L | mode | method | ms per step | peak MiB | step / forward |",
         "|---:|---|---|---:|---:|---:|",
@@ -138,6 +140,45 @@ def _train_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bench_summary() -> str:
+    """The performance page's summary: time per call of favorcore and the others."""
+    path = HERE / "_static" / "bench" / "bench.json"
+    if not path.exists():
+        return "*No benchmark results yet: run `nox -s bench`.*\n"
+    data = json.loads(path.read_text())
+    shape = data["shape"]
+    index = {(r["L"], r["mode"], r["method"]): r for r in data["rows"] if "median_s" in r}
+    methods = [
+        ("favorcore++-numpy", "favorcore NumPy, default"),
+        ("favorcore-numpy", "favorcore NumPy, FAVOR+"),
+        ("favorcore-torch", "favorcore PyTorch, FAVOR+"),
+        ("performer", "performer-pytorch"),
+        ("sdpa", "exact (PyTorch SDPA)"),
+    ]
+    methods = [(m, name) for m, name in methods if any(k[2] == m for k in index)]
+    lengths = [n for n in (2048, 8192, 16384) if any(k[0] == n for k in index)]
+    lines = [
+        (
+            f"Time per call in ms (peak memory of the call in MiB): {shape['dtype']} on the "
+            f"{shape.get('device', 'cpu')}, {shape['threads']} threads, batch 1, "
+            f"{shape['heads']} heads, d = {shape['d']}, m = {shape['m']}."
+        ),
+        "",
+        "| L | mode | " + " | ".join(name for _, name in methods) + " |",
+        "|---:|---|" + "---:|" * len(methods),
+    ]
+    for n in lengths:
+        for mode in ("bidirectional", "causal"):
+            cells = []
+            for m, _ in methods:
+                r = index.get((n, mode, m))
+                cells.append(
+                    "" if r is None else f"{1e3 * r['median_s']:.0f} ({r['peak_mib']:.0f})"
+                )
+            lines.append(f"| {n} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _support_table() -> str:
     from favorcore_backends.support import SUPPORT
 
@@ -155,6 +196,7 @@ def _support_table() -> str:
 
 (GENERATED / "bench_table.md").write_text(_bench_table())
 (GENERATED / "train_table.md").write_text(_train_table())
+(GENERATED / "bench_summary.md").write_text(_bench_summary())
 (GENERATED / "support_table.md").write_text(_support_table())
 if not os.environ.get("FAVORCORE_DOCS_SKIP_FIGURES"):
     sys.argv = ["figures.py", str(HERE / "_static" / "figures")]

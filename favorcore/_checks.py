@@ -17,6 +17,7 @@ __all__ = [
     "check_finite",
     "check_mask",
     "check_qkv",
+    "check_rank",
     "check_scale",
     "check_shape",
 ]
@@ -82,21 +83,29 @@ def check_mask(
         return None
     if mask.dtype != xp.bool:
         raise TypeError(f"{name} must be a boolean array (True = a real token), got {mask.dtype}")
-    shape, target = tuple(mask.shape), (*batch, length)
+    check_rank(mask, batch, length, name)
+    return mask[..., None]
+
+
+def check_rank(a: Array, batch: tuple[int, ...], length: int, name: str) -> None:
+    """``a`` (a mask or segment ids) of shape ``batch + (length,)`` up to 1s: exactly
+    ``q.ndim - 1`` dimensions, each q's or 1. The error shows the fix for a mask with
+    too few dimensions (``mask[:, None, :]``)."""
+    shape, target = tuple(a.shape), (*batch, length)
     ok = len(shape) == len(target) and shape[-1] == length
     ok = ok and all(s in (1, t) for s, t in zip(shape[:-1], batch, strict=True))
-    if not ok:
-        hint = ""
-        if len(shape) < len(target) and shape and shape[-1] == length:
-            missing = len(target) - len(shape)
-            hint = (f"; add the missing axes, e.g. {name}[:, {'None, ' * missing}:] for a "
-                    f"{shape} mask on inputs with batch dimensions {batch}")  # fmt: skip
-        length_name = "Lq" if name == "query_mask" else "Lk"
-        raise ValueError(
-            f"{name} must have shape batch + ({length_name},) = {target} (each batch dimension "
-            f"equal or 1), got {shape}{hint}"
-        )
-    return mask[..., None]
+    if ok:
+        return
+    hint = ""
+    if len(shape) < len(target) and shape and shape[-1] == length:
+        missing = len(target) - len(shape)
+        hint = (f"; add the missing axes, e.g. {name}[:, {'None, ' * missing}:] for a "
+                f"{shape} {name} on inputs with batch dimensions {batch}")  # fmt: skip
+    length_name = {"key_mask": "Lk", "query_mask": "Lq", "kv_segment_ids": "Lk"}.get(name, "L")
+    raise ValueError(
+        f"{name} must have shape batch + ({length_name},) = {target}: exactly q.ndim - 1 = "
+        f"{len(target)} dimensions, each q's or 1 (not broadcast from fewer); got {shape}{hint}"
+    )
 
 
 def check_scale(scale: float | None, d: int) -> float:

@@ -87,7 +87,19 @@ def is_eager(x: Array) -> bool:
     a PyTorch meta or fake tensor). A concrete JAX array is eager."""
     if array_api_compat.is_jax_array(x):
         return not is_tracer(x)
+    if array_api_compat.is_torch_array(x):
+        return not _is_torch_placeholder(x)
     return not array_api_compat.is_lazy_array(x)
+
+
+def _is_torch_placeholder(x: Any) -> bool:
+    """A PyTorch tensor without values: on the meta device, or fake (``FakeTensorMode``,
+    ``torch.compile``'s tracing)."""
+    if x.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake  # torch is imported: x is a tensor
+
+    return bool(is_fake(x))
 
 
 def all_finite(xp: ModuleType, a: Array) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from ._checks import check_rank
 from ._compat import Array, device, is_eager, to_host
 from ._schedule import Group
 from .balance import Balance, BalanceKind, balance_statistics
@@ -32,20 +33,14 @@ def check_ids(
     exactly ``len(batch) + 1`` dimensions (each the batch's or 1), not decreasing."""
     if not xp.isdtype(ids.dtype, "integral"):
         raise TypeError(f"{name} must be an integer array (one id per document), got {ids.dtype}")
-    shape, target = tuple(ids.shape), (*batch, length)
-    ok = len(shape) == len(target) and shape[-1] == length
-    if not (ok and all(s in (1, t) for s, t in zip(shape[:-1], batch, strict=True))):
-        raise ValueError(
-            f"{name} must have shape batch + (L,) = {target} (each batch dimension equal or 1), "
-            f"got {shape}"
-        )
+    check_rank(ids, batch, length, name)
     if not (is_eager(ids) or array_api_compat.is_dask_array(ids)):  # Dask's: computed, small
         raise ValueError(
             f"{name}: the documents' boundaries are read from the ids, which are not eager "
-            "here (a traced array); compute outside jax.jit, or pad the "
+            "here (a traced, meta or fake array); compute outside jax.jit, or pad the "
             "documents into a batch with key_mask"
         )
-    host = np.broadcast_to(to_host(ids), target).reshape(-1, length)
+    host = np.broadcast_to(to_host(ids), (*batch, length)).reshape(-1, length)
     if length > 1 and (np.diff(host, axis=1) < 0).any():
         raise ValueError(
             f"{name} must not decrease along the sequence (documents packed one after "

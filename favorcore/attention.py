@@ -2,8 +2,10 @@ r"""FAVOR attention, bidirectional and causal, linear attention, and exact softm
 
 Shapes follow PyTorch's ``scaled_dot_product_attention``: ``q`` is ``(..., Lq, d)``,
 ``k`` is ``(..., Lk, d)``, ``v`` is ``(..., Lk, dv)``, with any leading batch/head
-dimensions that broadcast. ``key_mask`` is boolean, **True = attend**, with exactly one
-dimension per batch dimension (each the batch's or 1) and ``Lk``; masked keys are removed
+dimensions that broadcast. ``key_mask`` is boolean, **True = attend**, with exactly
+``q.ndim - 1`` dimensions, each ``q``'s or 1, the last ``Lk`` (fewer are refused, never
+broadcast: a ``(batch, Lk)`` mask on ``(batch, heads, L, d)`` inputs is
+``key_mask[:, None, :]``); masked keys are removed
 with ``where`` (never multiplied), so padding may hold anything, NaN included, and a query
 with no valid key returns 0.
 
@@ -262,7 +264,8 @@ def linear_attention(
     causal : bool
         Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
     key_mask : bool array, optional
-        True = attend, shape ``batch + (Lk,)`` (each batch dimension equal or 1). Masked
+        True = attend, shape ``batch + (Lk,)``: exactly ``kf.ndim - 1`` dimensions, each
+        ``kf``'s or 1. Masked
         rows of ``kf`` and ``v`` are removed with ``where``, so both numerator and
         denominator ignore them.
     chunk_size : int, optional
@@ -641,9 +644,9 @@ def favor_attention(
     causal : bool
         Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
     key_mask : bool array, optional
-        True = attend, shape ``batch + (Lk,)``: one dimension per batch dimension of the
-        inputs, each equal to it or 1 (a ``(batch, Lk)`` mask on ``(batch, heads, Lk, d)``
-        keys is ``key_mask[:, None, :]``).
+        True = attend, shape ``batch + (Lk,)``: exactly ``q.ndim - 1`` dimensions, each
+        ``q``'s or 1 (a ``(batch, Lk)`` mask on ``(batch, heads, L, d)`` inputs is
+        ``key_mask[:, None, :]``; fewer dimensions are refused, not broadcast).
     scale : float, optional
         Logit scale; ``1/sqrt(d)`` when omitted, as in ``scaled_dot_product_attention``.
     chunk_size : int, optional
@@ -662,11 +665,11 @@ def favor_attention(
         (drawn from its seed). Adapters pass theirs (a module buffer, a draw from a
         ``jax.random`` key).
     check_finite : bool
-        On eager arrays (not under ``jax.jit``, not Dask), raise ``ValueError`` if ``q``,
-        or ``k``/``v`` at unmasked positions, hold NaN or inf, and warn
-        (:class:`AccuracyWarning`) when query rows get a normaliser too small to use
-        (their output is 0). Lazy arrays are never read: there NaN propagates to the
-        rows it touches.
+        On eager arrays, raise ``ValueError`` if ``q``, or ``k``/``v`` at unmasked
+        positions, hold NaN or inf, and warn (:class:`AccuracyWarning`) when query rows
+        get a normaliser too small to use (their output is 0). Lazy arrays (under
+        ``jax.jit``, Dask, PyTorch meta and fake tensors) are never read: there NaN
+        propagates to the rows it touches.
     balance : None, bool, {"matrix", "scalar"} or Balance
         Exact variance reduction (:mod:`favorcore.balance`): balance queries against keys
         and shift all keys by one vector, which leaves exact attention unchanged and lowers
@@ -679,7 +682,8 @@ def favor_attention(
         state, ``False`` otherwise. Maps that do not estimate the softmax kernel
         (:class:`GeneralizedFeatures`) take no balance.
     query_mask : bool array, optional
-        True = a real query, shape ``batch + (Lq,)`` as ``key_mask``: padded queries are
+        True = a real query, shape ``batch + (Lq,)``, exactly ``q.ndim - 1`` dimensions
+        (each ``q``'s or 1) as ``key_mask``: padded queries are
         left out of the statistics computed from the tokens (balance, FAVOR++'s ``A``).
         Their output rows are computed as usual. In self-attention over padded batches
         pass the same mask as ``key_mask``.
@@ -691,8 +695,8 @@ def favor_attention(
         ``key_mask``, ``state`` and ``balance`` have ``H_kv`` heads (or 1), ``query_mask``
         ``H`` (or 1).
     segment_ids : integer array, optional
-        Packed sequences: documents packed one after another, shape ``batch + (Lq,)`` as
-        ``key_mask``; a document is a run of equal ids (the per-token form of
+        Packed sequences: documents packed one after another, shape ``batch + (Lq,)``,
+        exactly ``q.ndim - 1`` dimensions (each ``q``'s or 1) as ``key_mask``; a document is a run of equal ids (the per-token form of
         flash-attention's ``cu_seqlens``), and ids must not decrease. A token attends only
         to its own document (causal: to its earlier tokens; the state resets where a
         document starts, a given ``state`` continues the first document of each row and
@@ -778,8 +782,24 @@ def softmax_attention(
 ) -> Array:
     r"""Exact softmax attention ``softmax(scale q k^T) v``, the reference for FAVOR.
 
-    Same conventions as :func:`favor_attention` (masks, shapes, dtypes, scale); costs
+    Same conventions as :func:`favor_attention` (shapes, dtypes, scale); costs
     O(Lq Lk d) time and O(Lq Lk) memory. A query with no valid key returns 0.
+
+    Parameters
+    ----------
+    q, k, v : array, shapes (..., Lq, d), (..., Lk, d), (..., Lk, dv)
+        Queries, keys and values, any leading batch/head dimensions that broadcast.
+    causal : bool
+        Query ``i`` attends to keys ``j <= i`` only (needs ``Lq == Lk``).
+    key_mask : bool array, optional
+        True = attend, shape ``batch + (Lk,)``: exactly ``q.ndim - 1`` dimensions, each
+        ``q``'s or 1 (a ``(batch, Lk)`` mask on ``(batch, heads, L, d)`` inputs is
+        ``key_mask[:, None, :]``; fewer dimensions are refused, not broadcast).
+    scale : float, optional
+        Logit scale; ``1/sqrt(d)`` when omitted.
+    check_finite : bool
+        On eager arrays, raise ``ValueError`` if ``q``, or ``k``/``v`` at unmasked
+        positions, hold NaN or inf (meta and fake tensors are never read).
 
     Examples
     --------

@@ -12,6 +12,7 @@ Other maps are differentiated by autograd through the standard operations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -20,12 +21,21 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from favorcore import register_steps
+from favorcore._compat import is_eager
 from favorcore.features import Exponent
 from favorcore.steps import Call, Steps, backward, forward
 
 from ._eager import EagerSteps, Lib
 
-__all__ = ["TorchSteps"]
+__all__ = ["TorchSteps", "no_autocast"]
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled on ``device``'s type (the engine computes in float32 or wider);
+    nothing on the meta device, which has no autocast (and no values to compute)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _sq_norms(y: torch.Tensor, out: torch.Tensor) -> None:
@@ -83,8 +93,11 @@ class TorchSteps(EagerSteps):
         """The call; with autograd recording, through :class:`_Attention` (positive maps)
         or autograd of the standard operations (other maps)."""
         inputs = [t for t in (call.x, call.y, call.v, call.kv0) if t is not None]
+        if not is_eager(call.x):  # meta or fake tensors: the standard operations read no value
+            standard = Steps(block=self.block_size(call.x.shape[-2], call.causal), chunk=self.chunk)
+            return standard.run(call.with_arrays(steps=standard))
         # the engine computes in float32 or wider (its dtype): autocast would change that
-        with torch.autocast(device_type=call.x.device.type, enabled=False):
+        with no_autocast(call.x.device):
             if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
                 return super().run(call)
             if not isinstance(call.form, Exponent):

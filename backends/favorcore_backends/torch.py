@@ -31,6 +31,7 @@ from favorcore import Balance, FeatureMap, OptimalPositiveFeatures
 
 from . import _torch_steps  # noqa: F401  (registers PyTorch's operations)
 from ._heads import pooled_statistics, to_heads
+from ._torch_steps import no_autocast
 
 __all__ = ["FavorAttention", "favorize", "segment_ids_from_cu_seqlens"]
 
@@ -294,13 +295,14 @@ class FavorAttention(nn.Module):
         n, lq, lk = query.shape[0], query.shape[1], key.shape[1]
         causal = self._causal(attn_mask, is_causal, lq, lk)
         key_mask = self._key_mask(key_padding_mask, n, lk)
-        if self.training and self.redraw_interval and not self.frozen:
+        counting = self.calls.device.type != "meta"  # a meta buffer holds no count
+        if self.training and self.redraw_interval and not self.frozen and counting:
             if int(self.calls) % self.redraw_interval == 0 and int(self.calls) > 0:
                 self.redraw()
             self.calls += 1
         q, k, v = self._heads(query, key, value)
         ids = None if segment_ids is None else (segment_ids[None] if unbatched else segment_ids)
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with no_autocast(q.device):
             kwargs: dict[str, Any] = {
                 "features": self.features, "key_mask": key_mask, "scale": self.scale,
                 "chunk_size": self.chunk_size, "projection": self.projection,

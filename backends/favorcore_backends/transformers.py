@@ -22,6 +22,7 @@ import favorcore
 from favorcore import Balance, BalanceKind, FeatureMap, OptimalPositiveFeatures
 
 from ._heads import Call, pooled_statistics
+from ._torch_steps import no_autocast
 
 __all__ = ["register_transformers", "transformers_statistics"]
 
@@ -100,7 +101,7 @@ def register_transformers(
         packed = None if ids is None else ids[:, None, :]
         layer = int(getattr(module, "layer_idx", 0) or 0)
         stats = given.get(layer)
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with no_autocast(query.device):
             km = None if key_mask is None else key_mask[:, None, :]
             if causal and query.shape[2] == key.shape[2]:
                 result = favorcore.favor_attention(
