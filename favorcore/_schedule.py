@@ -459,16 +459,17 @@ def _causal_grad(
 
 
 def _destinations(call: Call) -> tuple[Array | None, Array | None, Array | None]:
-    """Arrays for ``dx``, ``dy``, ``dv`` that the backward fills block by block, zero where
-    no group writes (keys no query attends to), when the steps give an :meth:`output`;
+    """Arrays for ``dx``, ``dy``, ``dv`` that the backward fills block by block (packed: zero
+    where no group writes, keys no query attends to), when the steps give an :meth:`output`;
     else None, and the blocks' gradients are joined (then they are all held at once)."""
     n, xp = call.x.shape[0], call.xp
     shapes = ((call.x.shape[-2], call.x.shape[-1]), (call.y.shape[-2], call.y.shape[-1]),
               (call.y.shape[-2], call.v.shape[-1]))  # fmt: skip
     dests = [call.steps.output(xp, (n, *shape), call.x) for shape in shapes]
-    for dest in dests:
-        if dest is not None:
-            dest[...] = 0.0
+    if call.packed is not None:  # (else every row is some block's)
+        for dest in dests:
+            if dest is not None:
+                dest[...] = 0.0
     return dests[0], dests[1], dests[2]
 
 

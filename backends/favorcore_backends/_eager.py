@@ -306,10 +306,10 @@ class EagerSteps(Steps):
             e[far] -= xp.max(e[far], axis=1, keepdims=True)
         return self._exp(e, lower), None
 
-    def _exact(self, form: Exponent, x: Any) -> Any:
-        """Features of the rows ``x`` with the exact row max (a new array)."""
+    def _exact(self, form: Exponent, x: Any, out: Any = None) -> Any:
+        """Features of the rows ``x`` with the exact row max (in ``out``, or a new array)."""
         consts, d = self._query_constants(form), x.shape[1]
-        e = self.lib.affine(x, consts.matrix[:d], consts.matrix[d], None)
+        e = self.lib.affine(x, consts.matrix[:d], consts.matrix[d], out)
         self.lib.native.subtract(e, self.lib.xp.max(e, axis=1, keepdims=True), out=e)
         return self._exp(e, -math.inf)
 
@@ -412,6 +412,53 @@ class EagerSteps(Steps):
         o = xp.concat([scores @ v, xp.sum(scores, axis=1, keepdims=True)], axis=1)
         return o if kv0 is None else o + qw @ kv0
 
+    def _gradient_rows(self, den: Any, bound: float) -> Any:
+        """``1 / den`` for the rows that pass a gradient, 0 for the others
+        (:meth:`Steps.answer_grad`), in place."""
+        lib, xp = self.lib, self.lib.xp
+        info = xp.finfo(den.dtype)
+        ok = (den > math.sqrt(float(info.smallest_normal))) & (
+            den > bound * (1e4 / float(info.max))
+        )
+        lib.fill_where(den, ~ok, 1.0)
+        lib.native.reciprocal(den, out=den)
+        lib.fill_where(den, ~ok, 0.0)
+        return den
+
+    def answer_grad(
+        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, g: Any
+    ) -> tuple[Any, Any]:
+        """The standard backward of :meth:`answer`, in this thread's buffers."""
+        if not isinstance(form, Exponent):
+            return super().answer_grad(xp, form, x, kv, out, g)
+        native = self.lib.native
+        (rows, _), (m, e) = x.shape, kv.shape
+        qf = self._exact(form, x, self.buffer("q", rows, m, x))  # a per-row factor cancels
+        den = self._gradient_rows(qf @ kv[:, e - 1 :], float(xp.max(xp.abs(kv))))
+        gh = self.buffer("gh", rows, e, x)
+        gh[:, : e - 1] = g
+        gh[:, e - 1] = -xp.sum(g * out, axis=1)
+        gh *= den
+        dq = native.matmul(gh, xp.matrix_transpose(kv), out=self.buffer("dq", rows, m, x))
+        native.multiply(dq, qf, out=dq)
+        return form.query_grad(xp, x, dq), xp.matrix_transpose(qf) @ gh
+
+    def keys_grad(
+        self, xp: ModuleType, form: Form, y: Any, v: Any, keep: Any, dkv: Any
+    ) -> tuple[Any, Any]:
+        """The standard backward of :meth:`keys` and :meth:`key_sums`, in buffers (masked
+        rows have zero features, hence zero gradients)."""
+        if not isinstance(form, Exponent):
+            return super().keys_grad(xp, form, y, v, keep, dkv)
+        kf, vb = self.keys(xp, form, y, v, keep)
+        dv, lib = v.shape[1], self.lib
+        # [V_b | 1] dkv^T in one product
+        de = lib.affine(vb, xp.matrix_transpose(dkv[:, :dv]), dkv[:, dv],
+                        self.buffer("dk", kf.shape[0], kf.shape[1], kf))  # fmt: skip
+        lib.native.multiply(de, kf, out=de)
+        dy = form.key_grad(xp, y if keep is None else xp.where(keep, y, 0.0), de)
+        return dy, kf @ dkv[:, :dv]
+
     def causal_grad(
         self, xp: ModuleType, form: Form, x: Any, y: Any, v: Any, keep: Any, kv0: Any,
         out: Any, g: Any, dkv: Any, chunk: int,
@@ -421,11 +468,16 @@ class EagerSteps(Steps):
         if not isinstance(form, Exponent):
             return super().causal_grad(xp, form, x, y, v, keep, kv0, out, g, dkv, chunk)
         lib, native = self.lib, self.lib.native
-        qf = self._exact(form, x)  # (any per-row factor cancels in the gradient)
         kf, vb = self.keys(xp, form, y, v, keep)
         (rows, m), dv = kf.shape, v.shape[1]
-        n, e, group = rows // chunk, dv + 1, qf.shape[0] // max(rows, 1)
+        n, e, group = rows // chunk, dv + 1, x.shape[0] // max(rows, 1)
         cg = chunk * group
+        # (any per-row factor of the query features cancels in the gradient)
+        qf = self._exact(form, x, self.buffer("qg", n * cg, m, x))
+
+        def buf(role: str, cols: int, per: int) -> Any:  # (n, per, cols) in a buffer
+            return self.buffer(role, n * per, cols, x).reshape(n, per, cols)
+
         v1 = self.buffer("v1", rows, e, vb)
         v1[:, :dv] = vb
         v1[:, dv] = 1.0
@@ -436,11 +488,12 @@ class EagerSteps(Steps):
         steps = list(pre)
         for i in range(n):
             steps[i + 1] += steps[i]
-        scores = native.matmul(qc, xp.matrix_transpose(kc))
+        scores = native.matmul(qc, xp.matrix_transpose(kc), out=buf("sg", chunk, cg))
         lib.zero_future(scores, group)
         den = native.matmul(qc, pre[:n, :, dv:])[..., 0] + xp.sum(scores, axis=-1)
         info = xp.finfo(den.dtype)  # the rows that pass a gradient (favorcore.steps)
-        bound = xp.max(xp.abs(pre[:n]), axis=(1, 2))[:, None]
+        # max |prefix| per chunk, by two reductions (an abs would write a copy)
+        bound = xp.maximum(xp.max(pre[:n], axis=(1, 2)), -xp.min(pre[:n], axis=(1, 2)))[:, None]
         ok = (den > math.sqrt(float(info.smallest_normal))) & (
             den > bound * (1e4 / float(info.max))
         )
@@ -452,7 +505,7 @@ class EagerSteps(Steps):
         native.reciprocal(den, out=den)
         lib.fill_where(den, ~ok, 0.0)
         gh *= den[..., None]
-        mixed = native.matmul(gh, xp.matrix_transpose(vc))  # (g^_i . v1_j)
+        mixed = native.matmul(gh, xp.matrix_transpose(vc), out=buf("mixed", chunk, cg))
         lib.zero_future(mixed, group)
         suffix = self.buffer("suffix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
         native.matmul(xp.matrix_transpose(qc), gh, out=suffix[:n])
@@ -463,12 +516,12 @@ class EagerSteps(Steps):
         before = xp.asarray(suffix[0], copy=True)
         # R_>c: the sums after chunk c, i.e. suffix[c + 1]
         after = suffix[1:]
-        dq = native.matmul(gh, xp.matrix_transpose(pre[:n]))
-        lib.add_product(dq, mixed, kc, None)
-        dk = native.matmul(vc, xp.matrix_transpose(after))
-        lib.add_product(dk, xp.matrix_transpose(mixed), qc, None)
-        dvc = native.matmul(kc, after[..., :dv])
-        lib.add_product(dvc, xp.matrix_transpose(scores), gh[..., :dv], None)
+        dq = native.matmul(gh, xp.matrix_transpose(pre[:n]), out=buf("dq", m, cg))
+        lib.add_product(dq, mixed, kc, buf("tq", m, cg))
+        dk = native.matmul(vc, xp.matrix_transpose(after), out=buf("dk", m, chunk))
+        lib.add_product(dk, xp.matrix_transpose(mixed), qc, buf("tq", m, chunk))
+        dvc = native.matmul(kc, after[..., :dv], out=buf("dvc", dv, chunk))
+        lib.add_product(dvc, xp.matrix_transpose(scores), gh[..., :dv], buf("tv", dv, chunk))
         native.multiply(dq, qc, out=dq)
         native.multiply(dk, kc, out=dk)
         dx = form.query_grad(xp, x, dq.reshape(rows * group, m))

@@ -212,7 +212,8 @@ def _gemm_rate(backend: str, repeats: int = 3, n: int = 4096) -> float:
 
 def _attention(method: str, causal: bool, m: int, d: int, heads: int, q: Any, k: Any) -> Any:
     """The method as a function: of ``(q, k, v)`` in ``(1, heads, L, d)``, or of ``x`` in
-    ``(1, L, heads * d)`` for the modules (``performer-jax``: ``(1, L, heads, d)``)."""
+    ``(1, L, heads * d)`` for the modules (``performer-jax``, ``jax-exact``:
+    ``(1, L, heads, d)``)."""
     import favorcore as fc
 
     if method == "performer":
@@ -267,7 +268,7 @@ def _calls(method: str, on: _Device, host: list[Any], causal: bool, m: int,
     backend = BACKEND_OF[method]
     if method in ("mha", "favor-module"):  # one input, (1, L, heads * d)
         host = [np.ascontiguousarray(host[0].transpose(0, 2, 1, 3).reshape(1, length, -1))]
-    elif method == "performer-jax":  # (1, L, heads, d)
+    elif method in ("performer-jax", "jax-exact"):  # (1, L, heads, d)
         host = [np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in host]
     inputs = [on.put(a) for a in host]
     f = _attention(method, causal, m, d, heads, inputs[0], inputs[min(1, len(inputs) - 1)])
