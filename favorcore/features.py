@@ -209,9 +209,11 @@ class Exponent(Form):
     def select(self, r: int) -> Exponent:
         if self.query.ndim == 2 and self.key_bias.ndim == 2:
             return self
-        return Exponent(_pick(self.query, r), _pick(self.query_bias, r), _pick(self.key, r),
-                        _pick(self.key_bias, r), self.half, _pick(self.transform, r),
-                        _pick(self.shift, r))  # fmt: skip
+        row = Exponent(_pick(self.query, r), _pick(self.query_bias, r), _pick(self.key, r),
+                       _pick(self.key_bias, r), self.half, _pick(self.transform, r),
+                       _pick(self.shift, r))  # fmt: skip
+        row.memo["row_of"] = (self, r)  # adapters may derive every row's constants at once
+        return row
 
 
 @dataclass(frozen=True, eq=False)

@@ -179,13 +179,13 @@ class EagerSteps(Steps):
         """This thread's ``(rows, cols)`` buffer for ``role`` in ``like``'s dtype and
         device, contents undefined."""
         cache = self._spaces.current()
-        buf = cache.get(role)
-        if (buf is None or buf.shape[1] != cols or buf.shape[0] < rows
-                or buf.dtype != like.dtype or buf.device != like.device):  # fmt: skip
+        key = (cols, like.dtype, like.device)
+        entry = cache.get(role)
+        if entry is None or entry[0] != key or entry[1].shape[0] < rows:
             xp = self.lib.xp
             buf = xp.empty((max(rows, self.block), cols), dtype=like.dtype, device=like.device)
-            cache[role] = buf
-        return buf[:rows, ...]
+            entry = cache[role] = (key, buf)
+        return entry[1][:rows, ...]
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], like: Any) -> Any:
         """An uninitialised array: every row is written by :meth:`answer` or :meth:`causal`."""
@@ -195,30 +195,71 @@ class EagerSteps(Steps):
 
     def _key_constants(self, form: Exponent) -> _Keys:
         if "keys" not in form.memo:
-            xp, key, bias = self.lib.xp, form.key, form.key_bias
-            ones = xp.ones((1, key.shape[-1]), dtype=key.dtype, device=key.device)
-            radius, low = math.inf, 0.0
-            if self.lib.on_host(key) and key.shape[-1]:
-                radius = float(xp.sqrt(xp.max(xp.sum(key * key, axis=0))))
-                low = float(xp.min(bias))
-            form.memo["keys"] = _Keys(xp.concat([key, ones, bias], axis=0), radius, low)
+            whole = form.memo.get("row_of")  # a row of a form with a row axis
+            rows = None if whole is None else self._rows(whole[0], "keys", self._keys_of)
+            form.memo["keys"] = (rows[whole[1]] if rows and whole else
+                                 self._keys_of(form.key, form.key_bias)[0])  # fmt: skip
         keys: _Keys = form.memo["keys"]
         return keys
 
     def _query_constants(self, form: Exponent) -> _Queries:
         if "queries" not in form.memo:
-            xp, query, bias = self.lib.xp, form.query, form.query_bias
-            ones = xp.ones((1, query.shape[-1]), dtype=query.dtype, device=query.device)
-            matrix = xp.concat([query, bias, ones], axis=0)
-            if self.lib.bound_queries and self.lib.on_host(query) and query.shape[-1]:
-                norms = np.sqrt(np.asarray(_host(xp.sum(query * query, axis=0)), np.float64))
-                c = np.asarray(_host(bias[0, :]), np.float64)
-                form.memo["queries"] = _Queries(matrix, float(norms.max()), float(c.max()),
-                                                float(c.max() - c.min()), norm_limit(norms, c))  # fmt: skip
-            else:  # every row takes its exact max (no bound, no reading back)
-                form.memo["queries"] = _Queries(matrix, math.inf, 0.0, 0.0, -math.inf)
+            whole = form.memo.get("row_of")
+            rows = None if whole is None else self._rows(whole[0], "queries", self._queries_of)
+            form.memo["queries"] = (rows[whole[1]] if rows and whole else
+                                    self._queries_of(form.query, form.query_bias)[0])  # fmt: skip
         queries: _Queries = form.memo["queries"]
         return queries
+
+    def _rows(self, whole: Exponent, kind: str, of: Callable[[Any, Any], list[Any]]) -> Any:
+        """Every row's constants of a form with a row axis, derived at once (None when
+        its fields' row axes differ: then each row derives its own)."""
+        key = f"{kind} of rows"
+        if key not in whole.memo:
+            a, b = (
+                (whole.key, whole.key_bias) if kind == "keys" else (whole.query, whole.query_bias)
+            )
+            n = {t.shape[0] for t in (a, b) if t.ndim == 3} - {1}
+            whole.memo[key] = of(a, b) if len(n) == 1 else None
+        return whole.memo[key]
+
+    def _rows3(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """``a`` ``(n, d, m)`` and ``b`` ``(n, 1, m)``, broadcast to one row axis."""
+        xp = self.lib.xp
+        a3, b3 = (t if t.ndim == 3 else t[None, ...] for t in (a, b))
+        n = max(a3.shape[0], b3.shape[0])
+        return (xp.broadcast_to(a3, (n, *a3.shape[1:])), xp.broadcast_to(b3, (n, *b3.shape[1:])))
+
+    def _keys_of(self, key: Any, bias: Any) -> list[_Keys]:
+        """The key constants of every row of ``key`` and ``key_bias``."""
+        xp = self.lib.xp
+        key, bias = self._rows3(key, bias)
+        n, _, m = key.shape
+        ones = xp.ones((n, 1, m), dtype=key.dtype, device=key.device)
+        matrix = xp.concat([key, ones, bias], axis=1)
+        radius, low = [math.inf] * n, [0.0] * n
+        if self.lib.on_host(key) and m:
+            radius = np.sqrt(_host(xp.max(xp.sum(key * key, axis=1), axis=1))).tolist()
+            low = np.asarray(_host(xp.min(bias, axis=(1, 2)))).tolist()
+        return [_Keys(matrix[i], float(radius[i]), float(low[i])) for i in range(n)]
+
+    def _queries_of(self, query: Any, bias: Any) -> list[_Queries]:
+        """The query constants of every row of ``query`` and ``query_bias``."""
+        xp = self.lib.xp
+        query, bias = self._rows3(query, bias)
+        n, _, m = query.shape
+        ones = xp.ones((n, 1, m), dtype=query.dtype, device=query.device)
+        matrix = xp.concat([query, bias, ones], axis=1)
+        if not (self.lib.bound_queries and self.lib.on_host(query) and m):
+            # every row takes its exact max (no bound, no reading back)
+            return [_Queries(matrix[i], math.inf, 0.0, 0.0, -math.inf) for i in range(n)]
+        all_norms = np.sqrt(np.asarray(_host(xp.sum(query * query, axis=1)), np.float64))
+        all_c = np.asarray(_host(bias[:, 0, :]), np.float64)
+        out = []
+        for i, (norms, c) in enumerate(zip(all_norms, all_c, strict=True)):
+            out.append(_Queries(matrix[i], float(norms.max()), float(c.max()),
+                                float(c.max() - c.min()), norm_limit(norms, c)))  # fmt: skip
+        return out
 
     # -- the operations -------------------------------------------------------------------
 
