@@ -545,11 +545,12 @@ def _plots(result: dict[str, Any], out_dir: Path, stem: str) -> None:
         print("matplotlib is not installed: no plots")
         return
     rows, shape = result["rows"], result["shape"]
-    setup = (f"{shape['dtype']}, {shape['device']}, batch 1, {shape['heads']} heads, "
+    what = shape.get("measure", "call")
+    setup = (f"{shape['dtype']}, {shape.get('device', 'cpu')}, batch 1, {shape['heads']} heads, "
              f"d = {shape['d']}, m = {shape['m']}, {shape['threads']} threads")  # fmt: skip
     names = []
-    for key, label, suffix in (("median_s", f"time per {shape['measure']} (s)", "time"),
-                               ("peak_mib", f"peak memory of a {shape['measure']} (MiB)", "memory")):  # fmt: skip
+    for key, label, suffix in (("median_s", f"time per {what} (s)", "time"),
+                               ("peak_mib", f"peak memory of a {what} (MiB)", "memory")):  # fmt: skip
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
         for ax, mode in zip(axes, ("bidirectional", "causal"), strict=True):
             for method in METHODS:
@@ -565,7 +566,8 @@ def _plots(result: dict[str, Any], out_dir: Path, stem: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel(label)
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right center", fontsize="small")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
         fig.suptitle(f"{label.split(' (')[0]}: {setup}", fontsize="medium")
         fig.savefig(out_dir / f"{stem}_{suffix}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
