@@ -36,19 +36,20 @@ __all__ = ["STEPS", "JaxSteps", "draw_projection", "feature_matrix"]
 class JaxSteps(Steps):
     """The standard operations with every batch row in one block (one copy of the block
     computation per block in the traced program), at most ``max_blocks`` blocks per
-    sequence (the program and its compile time grow with their number); a call of a
-    positive map differentiates through the engine's own backward pass
-    (``jax.custom_vjp``), which keeps the inputs, the output and the causal pieces'
-    states, where JAX's autodiff of the forward would keep every block's features."""
+    sequence (the program and its compile time grow with their number). A bidirectional
+    call of a positive map differentiates through the engine's own backward pass
+    (``jax.custom_vjp``: at L = 16384, 8 heads, a step 0.89x the time of JAX's autodiff of
+    the forward, in 0.97x the memory); causal calls through JAX's autodiff, which XLA
+    schedules better there (0.95x the time and 0.80x the peak memory of the engine's
+    backward) and which also gives forward-mode derivatives."""
 
     def __init__(self) -> None:
         super().__init__(block=1024, chunk=128, vectorized=True, max_blocks=32)
 
     def run(self, call: Call) -> tuple[Any, Any, Any]:
-        if not isinstance(call.form, Exponent):
+        if not isinstance(call.form, Exponent) or call.causal:
             return super().run(call)
         form = call.form
-        pieces: list[Any] = []  # the causal pieces' bounds: static, from the forward's trace
 
         def rebuild(arrays: tuple[Any, ...]) -> Call:
             x, y, v, kv0, mask, query, query_bias, key, key_bias, transform, shift = arrays
@@ -61,20 +62,13 @@ class JaxSteps(Steps):
             return out, kv, small
 
         def attend_fwd(arrays: tuple[Any, ...]) -> tuple[tuple[Any, Any, Any], Any]:
-            out, kv, small, states = forward(rebuild(arrays))
-            held = states
-            if call.causal:  # the pieces' bounds stay here, their states go with the residuals
-                pieces[:] = [[p for p, _ in group] for group in states]
-                held = [[st for _, st in group] for group in states]
-            return (out, kv, small), (arrays, out, kv, held)
+            out, kv, small, sums = forward(rebuild(arrays))
+            return (out, kv, small), (arrays, out, kv, sums)
 
         def attend_bwd(res: Any, cotangents: Any) -> tuple[tuple[Any, ...]]:
-            arrays, out, kv, held = res
+            arrays, out, kv, sums = res
             g_out, g_kv, _ = cotangents
-            states = held
-            if call.causal:
-                states = [list(zip(p, h, strict=True)) for p, h in zip(pieces, held, strict=True)]
-            dx, dy, dv, dkv0 = backward(rebuild(arrays), out, kv, states, g_out, g_kv)
+            dx, dy, dv, dkv0 = backward(rebuild(arrays), out, kv, sums, g_out, g_kv)
             return ((dx, dy, dv, dkv0, *([None] * 7)),)
 
         attend.defvjp(attend_fwd, attend_bwd)
