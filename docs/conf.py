@@ -55,6 +55,8 @@ def _bench_table() -> str:
     if not path.exists():
         return "*No benchmark results yet: run `nox -s bench`.*\n"
     data = json.loads(path.read_text())
+    if "shape" not in data:  # a run stopped before its end writes only its rows
+        return "*The benchmark run that wrote this file did not finish.*\n"
     shape = data["shape"]
     lines = [
         f"{shape['dtype']} on the {shape.get('device', 'cpu')}, batch 1, {shape['heads']} heads, "
@@ -108,6 +110,8 @@ def _train_table() -> str:
     if not path.exists():
         return "*No training results yet: run `nox -s bench -- --train`.*\n"
     data = json.loads(path.read_text())
+    if "shape" not in data:  # a run stopped before its end writes only its rows
+        return "*The benchmark run that wrote this file did not finish.*\n"
     shape = data["shape"]
     lines = [
         (
@@ -146,6 +150,8 @@ def _bench_summary() -> str:
     if not path.exists():
         return "*No benchmark results yet: run `nox -s bench`.*\n"
     data = json.loads(path.read_text())
+    if "shape" not in data:  # a run stopped before its end writes only its rows
+        return "*The benchmark run that wrote this file did not finish.*\n"
     shape = data["shape"]
     index = {(r["L"], r["mode"], r["method"]): r for r in data["rows"] if "median_s" in r}
     methods = [

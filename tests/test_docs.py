@@ -7,7 +7,12 @@ from helpers import example_id, python_blocks, run_example
 
 EXAMPLES = [
     (page, code)
-    for page in ("docs/getting-started.md", "docs/robustness.md", "docs/kernel-features.md")
+    for page in (
+        "docs/getting-started.md",
+        "docs/robustness.md",
+        "docs/kernel-features.md",
+        "docs/training.md",
+    )
     for code in python_blocks(page)
 ]
 
