@@ -281,6 +281,8 @@ def _calls(method: str, on: _Device, host: list[Any], causal: bool, m: int,
             return forward, None
         grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=tuple(range(len(inputs)))))
         return (lambda: jax.block_until_ready(grads(*inputs))), forward  # type: ignore[no-untyped-call]
+    if backend != "torch":  # NumPy, CuPy: no autodiff (training is refused before)
+        return (lambda: f(*inputs)), None
     import torch
 
     def no_grad() -> Any:
