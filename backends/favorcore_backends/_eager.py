@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from favorcore.features import Exponent, Form
-from favorcore.steps import Steps
+from favorcore.steps import Steps, _differentiable
 
 __all__ = ["GAP", "EagerSteps", "Lib", "norm_limit"]
 
@@ -456,11 +456,8 @@ class EagerSteps(Steps):
     def _gradient_rows(self, den: Any, bound: float) -> Any:
         """``1 / den`` for the rows that pass a gradient, 0 for the others
         (:meth:`Steps.answer_grad`), in place."""
-        lib, xp = self.lib, self.lib.xp
-        info = xp.finfo(den.dtype)
-        ok = (den > math.sqrt(float(info.smallest_normal))) & (
-            den > bound * (1e4 / float(info.max))
-        )
+        lib = self.lib
+        ok = _differentiable(lib.xp, den, bound)  # the rule's one home
         lib.fill_where(den, ~ok, 1.0)
         lib.native.reciprocal(den, out=den)
         lib.fill_where(den, ~ok, 0.0)
@@ -532,12 +529,9 @@ class EagerSteps(Steps):
         scores = native.matmul(qc, xp.matrix_transpose(kc), out=buf("sg", chunk, cg))
         lib.zero_future(scores, group)
         den = native.matmul(qc, pre[:n, :, dv:])[..., 0] + xp.sum(scores, axis=-1)
-        info = xp.finfo(den.dtype)  # the rows that pass a gradient (favorcore.steps)
         # max |prefix| per chunk, by two reductions (an abs would write a copy)
         bound = xp.maximum(xp.max(pre[:n], axis=(1, 2)), -xp.min(pre[:n], axis=(1, 2)))[:, None]
-        ok = (den > math.sqrt(float(info.smallest_normal))) & (
-            den > bound * (1e4 / float(info.max))
-        )
+        ok = _differentiable(xp, den, bound)  # the rows that pass a gradient
         gh = self.buffer("gh", rows * group, e, qf).reshape(n, cg, e)
         gc = g.reshape(n, cg, dv)
         gh[..., :dv] = gc
