@@ -105,3 +105,61 @@ def test_convert_exact_to_favor(fasta, tmp_path, capsys):
 def test_cli_errors(fasta, tmp_path):
     with pytest.raises(SystemExit, match="--concat"):
         main(["--fasta", str(fasta), "--out", str(tmp_path), "--no-segments"])
+    with pytest.raises(SystemExit, match="masked LM"):
+        main(["--fasta", str(fasta), "--out", str(tmp_path), "--model", "bert", "--mode", "causal"])
+
+
+def test_bert_trains_and_converts(fasta, tmp_path, capsys):
+    pytest.importorskip("transformers", reason="--model bert needs transformers")
+    m = _run(fasta, tmp_path / "bert", "--steps", "3", "--model", "bert", "--attention", "exact")
+    assert m["steps"] == 3
+    assert m["config"]["kind"] == "bert"
+    out = tmp_path / "conv"
+    argv = ["convert", "--from", str(tmp_path / "bert"), "--out", str(out), "--m", "16",
+            "--steps", "2", "--eval-every", "1"]  # fmt: skip
+    assert favorcore_main(["protein", *argv]) == 0
+    result = json.loads((out / "conversion.json").read_text())
+    assert [(r["attention"], r["m"]) for r in result["converted"]] == [
+        ("favor", 16),
+        ("favor+", 16),
+    ]
+    assert [p["step"] for p in result["fine_tune"]["curve"]] == [1, 2]
+    capsys.readouterr()
+
+
+def test_bert_to_favor_keeps_weights_and_approximates_exact():
+    pytest.importorskip("transformers", reason="--model bert needs transformers")
+    from favorcore_backends.protein.bert import BertConfigSpec, BertMLM, bert_to_favor
+
+    import favorcore as fc
+
+    torch.manual_seed(0)
+    exact = BertMLM(BertConfigSpec(vocab_size=30, pad_token_id=0, d_model=32, n_heads=2,
+                                   n_layers=2, max_len=40)).eval()  # fmt: skip
+    with torch.no_grad():  # sharper attention than at initialisation
+        for name, p in exact.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(3.0)
+    favor = bert_to_favor(exact, features=fc.OptimalPositiveFeatures(m=4096, seed=0))
+    assert favor.bert.config._attn_implementation != exact.bert.config._attn_implementation
+    for (name, a), b in zip(exact.state_dict().items(), favor.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    tokens = torch.randint(4, 30, (2, 40), generator=torch.Generator().manual_seed(1))
+    key_mask = torch.ones(2, 40, dtype=torch.bool)
+    key_mask[1, 25:] = False
+    with torch.no_grad():
+        want = exact(tokens, key_mask=key_mask)
+        got = favor(tokens, key_mask=key_mask)
+        other = bert_to_favor(exact, features=fc.OptimalPositiveFeatures(m=4096, seed=1))(
+            tokens, key_mask=key_mask
+        )
+    # FAVOR's error at m = 4096 is about 2e-5 of the logits' scale here (two independent
+    # draws alike), while attending to the padding would change them by about 3e-3.
+    scale = want[key_mask].std()
+    assert (got - want)[key_mask].abs().max() < 3e-4 * scale
+    assert (other - want)[key_mask].abs().max() < 3e-4 * scale
+    with torch.no_grad():
+        assert (exact(tokens) - want)[key_mask].abs().max() > 3e-4 * scale
+    assert not torch.equal(got, other)
+    with pytest.raises(ValueError, match="--mode mlm"):
+        exact(tokens, causal=True)

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="favor: FAVOR++ with the balance (calibrated statistics when causal); "
                         "favor+: plain FAVOR+ (orthogonal, no balance); exact: SDPA")  # fmt: skip
     p.add_argument("--m", type=_positive, default=256, help="random features")
+    p.add_argument("--model", choices=["performer", "bert"], default="performer",
+                   help="performer: favorcore's PerformerLM (pre-norm, rotary or learned "
+                        "positions); bert: Hugging Face BertForMaskedLM built from a config "
+                        "(MLM on single proteins; needs transformers)")  # fmt: skip
     p.add_argument("--d-model", type=_positive, default=128)
     p.add_argument("--heads", type=_positive, default=4)
     p.add_argument("--layers", type=_positive, default=2)
@@ -142,6 +146,19 @@ def _setup(args: argparse.Namespace) -> Setup:
 def _model(args: argparse.Namespace, vocab: int) -> Any:
     from favorcore_backends.models import PerformerConfig, PerformerLM
 
+    if getattr(args, "model", "performer") == "bert":
+        from .bert import BertConfigSpec, BertMLM, bert_to_favor
+        from .data import Tokenizer
+
+        spec = BertConfigSpec(
+            vocab_size=vocab, pad_token_id=Tokenizer().pad, d_model=args.d_model,
+            n_heads=args.heads, n_layers=args.layers, d_ff=args.d_ff, max_len=args.length,
+            dropout=args.dropout,
+        )  # fmt: skip
+        bert = BertMLM(spec)
+        if args.attention == "exact":
+            return bert
+        return bert_to_favor(bert, **_favor_kwargs(args.attention, args.m, args.seed))
     cfg = PerformerConfig(
         vocab_size=vocab, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
         d_ff=args.d_ff, max_len=args.length, positions=args.positions,
@@ -469,9 +486,15 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = _setup(args)
-    source = PerformerLM(
-        PerformerConfig(**saved["config"]), **_favor_kwargs(args.attention, args.m, args.seed)
-    )
+    swap: Any = exact_to_favor
+    if getattr(args, "model", "performer") == "bert":
+        from .bert import bert_to_favor
+
+        source, swap = _model(args, saved["config"]["vocab_size"]), bert_to_favor
+    else:
+        source = PerformerLM(
+            PerformerConfig(**saved["config"]), **_favor_kwargs(args.attention, args.m, args.seed)
+        )
     source.load_state_dict(saved["model"])
     source.load_favor_state(saved["favor"])
     source.to(device)
@@ -479,7 +502,7 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     rows = []
     for attention in ("favor", "favor+"):
         for m in opts.m:
-            new = exact_to_favor(source, **_favor_kwargs(attention, m, args.seed))
+            new = swap(source, **_favor_kwargs(attention, m, args.seed))
             metrics, _ = evaluate_calibrated(new, s, args, device)
             rows.append({"attention": attention, "m": m, **metrics,
                          "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
@@ -489,7 +512,7 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     }  # fmt: skip
     opts.out.mkdir(parents=True, exist_ok=True)
     if opts.steps:
-        tuned = exact_to_favor(source, **_favor_kwargs("favor", opts.fine_tune_m, args.seed))
+        tuned = swap(source, **_favor_kwargs("favor", opts.fine_tune_m, args.seed))
         args.steps, args.eval_every, args.attention, args.m = (
             opts.steps,
             opts.eval_every,
@@ -527,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_segments and not args.concat:
         raise SystemExit("--no-segments needs --concat")
+    if args.model == "bert" and (args.mode != "mlm" or args.concat):
+        raise SystemExit("--model bert is a masked LM of single proteins: use --mode mlm "
+                         "without --concat")  # fmt: skip
     args.argv = argv
     result = train(args)
     print(
