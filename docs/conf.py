@@ -200,7 +200,91 @@ def _support_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(r: dict, key: str, fmt: str) -> str:
+    lo, hi = r[key + "_ci95"]
+    return f"{r[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _protein_tables() -> str:
+    """The protein page's tables, from ``_static/protein/protein.json``
+    (``scripts/protein_report.py``)."""
+    path = HERE / "_static" / "protein" / "protein.json"
+    if not path.exists():
+        return "*No protein runs collected yet: see the commands below.*\n"
+    data = json.loads(path.read_text())
+    runs = data["runs"]
+    name = {"favor": "Performer (favorcore default)", "favor+": "Performer (FAVOR+)",
+            "exact": "exact (SDPA)"}  # fmt: skip
+    out = ["### Single proteins, L = 1024, equal wall-clock", "",
+           ("Held-out accuracy and perplexity with 95 % bootstrap intervals (over held-out "
+           "proteins); *positions* is the number of scored residues, the same for every row "
+           "of a task."), "",
+           "| task | model | steps | s / step | peak MiB | accuracy | perplexity | positions |",
+           "|---|---|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    for prefix, task in (("L1024-mlm", "masked"), ("L1024-causal", "next residue")):
+        rows = [runs[k] for k in (f"{prefix}-favor", f"{prefix}-exact") if k in runs]
+        for r in rows:
+            h = r["held_out"]
+            out.append(
+                f"| {task} | {name[r['attention']]} | {r['steps']} | "
+                f"{r['median_step_seconds']:.2f} | {r['peak_mib']:.0f} | "
+                f"{_ci(h, 'accuracy', '.4f')} | {_ci(h, 'perplexity', '.2f')} | {h['positions']} |"
+            )
+        if rows:
+            u = rows[-1]["unigram"]
+            out.append(f"| {task} | unigram (residue frequencies) | | | | "
+                       f"{_ci(u, 'accuracy', '.4f')} | {_ci(u, 'perplexity', '.2f')} | "
+                       f"{u['positions']} |")  # fmt: skip
+    if data["equal_steps"]:
+        out += ["", "### The same runs at equal steps", "",
+                "| task | step | Performer accuracy | exact accuracy | difference (points) |",
+                "|---|---:|---|---|---:|"]  # fmt: skip
+        for e in data["equal_steps"]:
+            diff = 100 * (e["favor"]["accuracy"] - e["exact"]["accuracy"])
+            out.append(f"| {e['title']} | {e['step']} | {_ci(e['favor'], 'accuracy', '.4f')} | "
+                       f"{_ci(e['exact'], 'accuracy', '.4f')} | {diff:+.2f} |")  # fmt: skip
+    long = [(k, runs[k]) for p in ("L8192-mlm", "L8192-mlm-noseg", "L8192-causal")
+            for k in (f"{p}-favor", f"{p}-exact") if k in runs]  # fmt: skip
+    if long:
+        out += ["", "### Concatenated proteins, L = 8192", "",
+                "| task | model | steps | median s / step | peak MiB | exact's step / this step |",
+                "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for k, r in long:
+            ex = runs.get(k.rsplit("-", 1)[0] + "-exact")  # (the pair's exact run)
+            ratio = (f"{ex['median_step_seconds'] / r['median_step_seconds']:.2f}x"
+                     if ex else "")  # fmt: skip
+            task = "masked" if r["mode"] == "mlm" else "next residue"
+            task += ", across proteins" if "noseg" in k else ", within each protein"
+            out.append(
+                f"| {task} | {name[r['attention']]} | {r['steps']} | "
+                f"{r['median_step_seconds']:.2f} | {r['peak_mib']:.0f} | {ratio} |"
+            )
+    for c in data["conversions"]:
+        src = c["source_metrics"]
+        out += ["", f"### Conversion: {c['title']}", "",
+                (f"The trained exact model: accuracy {_ci(src, 'accuracy', '.4f')} over "
+                f"{src['positions']} positions (unigram {c['unigram']['accuracy']:.4f}). Its "
+                "weights with FAVOR attention, without training:"), "",
+                "| m | favorcore default | drop (points) | FAVOR+ | drop (points) |",
+                "|---:|---|---:|---|---:|"]  # fmt: skip
+        by = {(r["attention"], r["m"]): r for r in c["converted"]}
+        for m in sorted({r["m"] for r in c["converted"]}):
+            cells = []
+            for att in ("favor", "favor+"):
+                r = by.get((att, m))
+                cells += ([_ci(r, "accuracy", ".4f"),
+                           f"{100 * (src['accuracy'] - r['accuracy']):.2f}"]
+                          if r else ["", ""])  # fmt: skip
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        if c["fine_tune"]:
+            f = c["fine_tune"]
+            out += ["", (f"Fine-tuned at m = {f['m']} for {f['curve'][-1][0]} steps: accuracy "
+                    f"{_ci(f['final'], 'accuracy', '.4f')}.")]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 (GENERATED / "bench_table.md").write_text(_bench_table())
+(GENERATED / "protein_table.md").write_text(_protein_tables())
 (GENERATED / "train_table.md").write_text(_train_table())
 (GENERATED / "bench_summary.md").write_text(_bench_summary())
 (GENERATED / "support_table.md").write_text(_support_table())

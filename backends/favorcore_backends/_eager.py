@@ -73,6 +73,8 @@ class Lib:
     key_sums: Callable[[Any, Any], Any]
     #: ``o += a @ b`` (``tmp``: a buffer of ``o``'s shape)
     add_product: Callable[[Any, Any, Any, Any], None]
+    #: ``out = a @ b`` of 3-D arrays (a batch of products), returned
+    bmm: Callable[[Any, Any, Any], Any]
     #: ``out = x @ w + b`` (``b`` a row), returned
     affine: Callable[[Any, Any, Any, Any], Any]
     #: whether the array lives in host memory (its values can be read cheaply)
@@ -414,7 +416,7 @@ class EagerSteps(Steps):
 
     def _chunks(self, qf: Any, kf: Any, v: Any, kv0: Any, chunk: int) -> tuple[Any, Any]:
         """``(phi(Q) [S | z] per row, the state after)`` of a causal block, in buffers."""
-        lib, native, xp = self.lib, self.lib.native, self.lib.xp
+        lib, xp = self.lib, self.lib.xp
         (rows, m), dv = kf.shape, v.shape[1]
         n, e, group = rows // chunk, dv + 1, qf.shape[0] // max(rows, 1)
         v1 = self.buffer("v1", rows, e, v)
@@ -423,7 +425,7 @@ class EagerSteps(Steps):
         qc, kc = qf.reshape(n, chunk * group, m), kf.reshape(n, chunk, m)
         vc = v1.reshape(n, chunk, e)
         pre = self.buffer("prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
-        native.matmul(xp.matrix_transpose(kc), vc, out=pre[1:])
+        lib.bmm(xp.matrix_transpose(kc), vc, pre[1:])
         if kv0 is None:
             pre[0] = 0.0
         else:
@@ -436,7 +438,7 @@ class EagerSteps(Steps):
         lib.zero_future(scores, group)
         o = self.buffer("o", rows * group, e, qf)
         oc = o.reshape(n, chunk * group, e)
-        native.matmul(qc, pre[:n], out=oc)
+        lib.bmm(qc, pre[:n], oc)
         intra = self.buffer("intra", rows * group, e, qf).reshape(n, chunk * group, e)
         lib.add_product(oc, scores, vc, intra)
         if underflowed:
@@ -521,12 +523,12 @@ class EagerSteps(Steps):
         v1[:, dv] = 1.0
         qc, kc, vc = qf.reshape(n, cg, m), kf.reshape(n, chunk, m), v1.reshape(n, chunk, e)
         pre = self.buffer("prefix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
-        native.matmul(xp.matrix_transpose(kc), vc, out=pre[1:])
+        lib.bmm(xp.matrix_transpose(kc), vc, pre[1:])
         pre[0] = 0.0 if kv0 is None else kv0
         steps = list(pre)
         for i in range(n):
             steps[i + 1] += steps[i]
-        scores = native.matmul(qc, xp.matrix_transpose(kc), out=buf("sg", chunk, cg))
+        scores = lib.bmm(qc, xp.matrix_transpose(kc), buf("sg", chunk, cg))
         lib.zero_future(scores, group)
         den = native.matmul(qc, pre[:n, :, dv:])[..., 0] + xp.sum(scores, axis=-1)
         # max |prefix| per chunk, by two reductions (an abs would write a copy)
@@ -540,10 +542,10 @@ class EagerSteps(Steps):
         native.reciprocal(den, out=den)
         lib.fill_where(den, ~ok, 0.0)
         gh *= den[..., None]
-        mixed = native.matmul(gh, xp.matrix_transpose(vc), out=buf("mixed", chunk, cg))
+        mixed = lib.bmm(gh, xp.matrix_transpose(vc), buf("mixed", chunk, cg))
         lib.zero_future(mixed, group)
         suffix = self.buffer("suffix", (n + 1) * m, e, qf).reshape(n + 1, m, e)
-        native.matmul(xp.matrix_transpose(qc), gh, out=suffix[:n])
+        lib.bmm(xp.matrix_transpose(qc), gh, suffix[:n])
         suffix[n] = 0.0 if dkv is None else dkv
         back = list(suffix)  # suffix[c] becomes R_>c after the chunk's own contribution
         for i in range(n - 1, -1, -1):
@@ -551,11 +553,11 @@ class EagerSteps(Steps):
         before = xp.asarray(suffix[0], copy=True)
         # R_>c: the sums after chunk c, i.e. suffix[c + 1]
         after = suffix[1:]
-        dq = native.matmul(gh, xp.matrix_transpose(pre[:n]), out=buf("dq", m, cg))
+        dq = lib.bmm(gh, xp.matrix_transpose(pre[:n]), buf("dq", m, cg))
         lib.add_product(dq, mixed, kc, buf("tq", m, cg))
-        dk = native.matmul(vc, xp.matrix_transpose(after), out=buf("dk", m, chunk))
+        dk = lib.bmm(vc, xp.matrix_transpose(after), buf("dk", m, chunk))
         lib.add_product(dk, xp.matrix_transpose(mixed), qc, buf("tq", m, chunk))
-        dvc = native.matmul(kc, after[..., :dv], out=buf("dvc", dv, chunk))
+        dvc = lib.bmm(kc, after[..., :dv], buf("dvc", dv, chunk))
         lib.add_product(dvc, xp.matrix_transpose(scores), gh[..., :dv], buf("tv", dv, chunk))
         native.multiply(dq, qc, out=dq)
         native.multiply(dk, kc, out=dk)
@@ -570,7 +572,7 @@ class EagerSteps(Steps):
     def scores(self, qc: Any, kc: Any, out: Any) -> bool:
         """The chunks' scores ``qc kc^T`` into ``out``; whether any result was flushed to
         zero (then :meth:`rescore` runs)."""
-        self.lib.native.matmul(qc, self.lib.xp.matrix_transpose(kc), out=out)
+        self.lib.bmm(qc, self.lib.xp.matrix_transpose(kc), out)
         return False
 
     def rescore(self, qc: Any, kc: Any, vc: Any, pre: Any, oc: Any) -> None:

@@ -68,6 +68,7 @@ TORCH = Lib(
     ),
     key_sums=_key_sums,
     add_product=lambda o, a, b, tmp: o.baddbmm_(a, b),
+    bmm=lambda a, b, out: torch.bmm(a, b, out=out),
     affine=lambda x, w, b, out: (
         torch.addmm(b, x, w, out=out) if out is not None else torch.addmm(b, x, w)
     ),
