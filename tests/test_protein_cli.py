@@ -99,7 +99,33 @@ def test_convert_exact_to_favor(fasta, tmp_path, capsys):
     ]
     assert [p["step"] for p in result["fine_tune"]["curve"]] == [1, 2]
     assert result["source_metrics"]["positions"] == result["converted"][0]["positions"]
+    for r in result["converted"]:
+        assert r["kl_to_reference"] >= 0
+        assert 0 <= r["agreement"] <= 1
     capsys.readouterr()
+
+
+def test_agreement_of_a_model_with_itself(fasta, tmp_path):
+    from favorcore_backends.protein import cli
+
+    args = cli._parser().parse_args(["--fasta", str(fasta), "--out", str(tmp_path), *TINY])
+    s = cli._setup(args)
+    model = cli._model(args, len(s.tok))
+    ref: list = []
+    first, _ = cli.evaluate(model, s, args, "cpu", keep=ref)
+    again, _ = cli.evaluate(model, s, args, "cpu", against=ref)
+    assert again["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
+    assert again["agreement"] == 1.0
+    assert sum(len(r) for r in ref) == first["positions"]
+    other = cli._model(cli._parser().parse_args(
+        ["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--seed", "1"]), len(s.tok))  # fmt: skip
+    differs, _ = cli.evaluate(other, s, args, "cpu", against=ref)
+    # two differently initialised models: KL(p || q) from the log-probabilities directly
+    want = sum(
+        float((r.exp() * (r - q)).sum()) for r, q in zip(ref, _logp(other, s, args), strict=True)
+    )
+    assert differs["kl_to_reference"] == pytest.approx(want / first["positions"], rel=1e-9)
+    assert differs["kl_to_reference"] > 0
 
 
 def test_cli_errors(fasta, tmp_path):
@@ -163,3 +189,11 @@ def test_bert_to_favor_keeps_weights_and_approximates_exact():
     assert not torch.equal(got, other)
     with pytest.raises(ValueError, match="--mode mlm"):
         exact(tokens, causal=True)
+
+
+def _logp(model, s, args):
+    from favorcore_backends.protein import cli
+
+    out: list = []
+    cli.evaluate(model, s, args, "cpu", keep=out)
+    return out

@@ -243,10 +243,20 @@ def _summary(per_example: np.ndarray, seed: int) -> dict[str, Any]:
 
 
 def evaluate(
-    model: Any, s: Setup, args: argparse.Namespace, device: Any
+    model: Any,
+    s: Setup,
+    args: argparse.Namespace,
+    device: Any,
+    *,
+    keep: list[Any] | None = None,
+    against: list[Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Held-out metrics of ``model`` and of the unigram baseline, on the same positions
-    (MLM: the same masks for every model, from a fixed seed)."""
+    (MLM: the same masks for every model, from a fixed seed). ``keep``: a list that gets
+    the log-probabilities at the scored positions, batch by batch; ``against``: such a
+    list of another model, to which the metrics add ``kl_to_reference`` (the mean
+    ``KL(reference || model)`` per scored position, nats) and ``agreement`` (the fraction
+    of positions where the two models' top predictions agree)."""
     import torch
     import torch.nn.functional as F
 
@@ -256,14 +266,22 @@ def evaluate(
     log_uni = torch.as_tensor(np.log(np.where(s.unigram > 0, s.unigram, 1.0)))
     best_uni = int(np.argmax(s.unigram))
     rows, uni_rows = [], []
+    kl, agree = 0.0, 0.0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(s.test), args.batch_size):
+        for b, i in enumerate(range(0, len(s.test), args.batch_size)):
             batch = collate(s.test[i : i + args.batch_size], s.tok)
             inputs, targets = _inputs_targets(batch, args.mode, s.tok, gen, residues_only=True)
             logits = _forward(model, inputs, batch, args.mode, device).float().cpu()
             scored = targets != -100
+            logp = torch.log_softmax(logits[scored].double(), dim=-1)
+            if keep is not None:
+                keep.append(logp)
+            if against is not None:
+                ref = against[b]
+                kl += float((ref.exp() * (ref - logp)).sum())
+                agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
             nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
             correct = (logits.argmax(-1) == targets) & scored
             uni_nll = -log_uni[targets.clamp(min=0)]
@@ -273,7 +291,11 @@ def evaluate(
                 uni_rows.append([float((targets[r][sel] == best_uni).sum()),
                                  float(uni_nll[r][sel].sum()), float(sel.sum())])  # fmt: skip
     model.train(was_training)
-    return _summary(np.array(rows), args.seed), _summary(np.array(uni_rows), args.seed)
+    metrics = _summary(np.array(rows), args.seed)
+    if against is not None:
+        n = max(metrics["positions"], 1)
+        metrics["kl_to_reference"], metrics["agreement"] = kl / n, agree / n
+    return metrics, _summary(np.array(uni_rows), args.seed)
 
 
 def _calibration_batch(s: Setup, args: argparse.Namespace) -> Any:
@@ -283,18 +305,18 @@ def _calibration_batch(s: Setup, args: argparse.Namespace) -> Any:
 
 
 def evaluate_calibrated(
-    model: Any, s: Setup, args: argparse.Namespace, device: Any
+    model: Any, s: Setup, args: argparse.Namespace, device: Any, **kwargs: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """:func:`evaluate`; causal FAVOR models uncalibrated are calibrated on training data
     for the evaluation only."""
     if args.mode != "causal" or model.features is None or not model.attention_modules()[0].balance:
-        return evaluate(model, s, args, device)
+        return evaluate(model, s, args, device, **kwargs)
     if model.attention_modules()[0].statistics is not None:
-        return evaluate(model, s, args, device)
+        return evaluate(model, s, args, device, **kwargs)
     b = _calibration_batch(s, args)
     with model.calibrated(b.tokens.to(device), key_mask=b.key_mask.to(device),
                           segment_ids=None if b.segment_ids is None else b.segment_ids.to(device)):  # fmt: skip
-        return evaluate(model, s, args, device)
+        return evaluate(model, s, args, device, **kwargs)
 
 
 # -- training -----------------------------------------------------------------------------
@@ -498,12 +520,13 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     source.load_state_dict(saved["model"])
     source.load_favor_state(saved["favor"])
     source.to(device)
-    base, _unigram = evaluate_calibrated(source, s, args, device)
+    reference: list[Any] = []
+    base, _unigram = evaluate_calibrated(source, s, args, device, keep=reference)
     rows = []
     for attention in ("favor", "favor+"):
         for m in opts.m:
             new = swap(source, **_favor_kwargs(attention, m, args.seed))
-            metrics, _ = evaluate_calibrated(new, s, args, device)
+            metrics, _ = evaluate_calibrated(new, s, args, device, against=reference)
             rows.append({"attention": attention, "m": m, **metrics,
                          "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
     result: dict[str, Any] = {
