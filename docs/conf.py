@@ -264,17 +264,21 @@ def _protein_tables() -> str:
         out += ["", f"### Conversion: {c['title']}", "",
                 (f"The trained exact model: accuracy {_ci(src, 'accuracy', '.4f')} over "
                 f"{src['positions']} positions (unigram {c['unigram']['accuracy']:.4f}). Its "
-                "weights with FAVOR attention, without training:"), "",
-                "| m | favorcore default | drop (points) | FAVOR+ | drop (points) |",
-                "|---:|---|---:|---|---:|"]  # fmt: skip
+                "weights with FAVOR attention, without training; *KL* is the mean "
+                "KL(trained || converted) of the predicted distributions per scored position "
+                "(nats), *agree* the share of positions where their top predictions agree."), "",
+                "| m | favorcore default | drop (points) | KL | agree | FAVOR+ | drop (points) "
+                "| KL | agree |",
+                "|---:|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
         by = {(r["attention"], r["m"]): r for r in c["converted"]}
         for m in sorted({r["m"] for r in c["converted"]}):
             cells = []
             for att in ("favor", "favor+"):
                 r = by.get((att, m))
                 cells += ([_ci(r, "accuracy", ".4f"),
-                           f"{100 * (src['accuracy'] - r['accuracy']):.2f}"]
-                          if r else ["", ""])  # fmt: skip
+                           f"{100 * (src['accuracy'] - r['accuracy']):.2f}",
+                           f"{r['kl_to_reference']:.4f}", f"{100 * r['agreement']:.1f} %"]
+                          if r else ["", "", "", ""])  # fmt: skip
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         if c["fine_tune"]:
             f = c["fine_tune"]

@@ -23,8 +23,9 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _score(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("accuracy", "accuracy_ci95", "perplexity", "perplexity_ci95", "positions")
-    return {k: r[k] for k in keys}
+    keys = ("accuracy", "accuracy_ci95", "perplexity", "perplexity_ci95", "positions",
+            "kl_to_reference", "agreement")  # fmt: skip
+    return {k: r[k] for k in keys if k in r}
 
 
 def _run(m: dict[str, Any]) -> dict[str, Any]:
