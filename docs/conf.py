@@ -267,8 +267,8 @@ def _protein_tables() -> str:
                 "weights with FAVOR attention, without training; *KL* is the mean "
                 "KL(trained || converted) of the predicted distributions per scored position "
                 "(nats), *agree* the share of positions where their top predictions agree."), "",
-                "| m | favorcore default | drop (points) | KL | agree | FAVOR+ | drop (points) "
-                "| KL | agree |",
+                ("| m | favorcore default | drop (points) | KL | agree | FAVOR+ | drop (points) "
+                "| KL | agree |"),
                 "|---:|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
         by = {(r["attention"], r["m"]): r for r in c["converted"]}
         for m in sorted({r["m"] for r in c["converted"]}):
