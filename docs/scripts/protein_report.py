@@ -38,7 +38,8 @@ def _run(m: dict[str, Any]) -> dict[str, Any]:
         "median_step_seconds": m["median_step_seconds"], "peak_mib": peak,
         "memory_kind": "peak RSS" if "max_rss_bytes" in mem else "CUDA max allocated",
         "threads": m["threads"], "device": m["device"], "held_out": _score(m["held_out"]),
-        "unigram": _score(m["unigram"]), "data": m["data"], "config": m["config"],
+        "unigram": _score(m["unigram"]), "config": m["config"],
+        "data": {**m["data"], "files": [Path(f).name for f in m["data"]["files"]]},
     }  # fmt: skip
 
 
