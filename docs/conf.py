@@ -277,7 +277,7 @@ def _protein_tables() -> str:
                 r = by.get((att, m))
                 cells += ([_ci(r, "accuracy", ".4f"),
                            f"{100 * (src['accuracy'] - r['accuracy']):.2f}",
-                           f"{r['kl_to_reference']:.4f}", f"{100 * r['agreement']:.1f} %"]
+                           f"{r['kl_to_reference']:.1e}", f"{100 * r['agreement']:.1f} %"]
                           if r else ["", "", "", ""])  # fmt: skip
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         if c["fine_tune"]:
