@@ -66,7 +66,7 @@ class BertMLM(nn.Module):
         except ModuleNotFoundError:
             raise SystemExit(
                 "--model bert needs Hugging Face transformers: "
-                "pip install 'favorcore[protein,transformers]'"
+                "pip install '.[protein,transformers]' (from a clone of favorcore)"
             ) from None
         self.config = config
         hf = transformers.BertConfig(  # type: ignore[call-arg]

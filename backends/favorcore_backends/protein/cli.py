@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch  # noqa: F401
     except ModuleNotFoundError:
         raise SystemExit(
-            "favorcore protein needs PyTorch: pip install 'favorcore[protein]'"
+            "favorcore protein needs PyTorch: pip install '.[protein]' (from a clone of favorcore)"
         ) from None
     if argv[:1] == ["convert"]:
         result = convert(argv[1:])

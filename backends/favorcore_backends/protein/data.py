@@ -80,7 +80,7 @@ def default_fasta() -> Path:
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
             "no FASTA given and pyhmmer is not installed: its wheel carries the default "
-            "proteome. Install it (pip install 'favorcore[protein]' or "
+            "proteome. Install it (pip install '.[protein]' from a clone of favorcore, or "
             f"pip install 'pyhmmer{PYHMMER_RANGE}') or pass --fasta PATH"
         ) from None
     path = Path(str(root.joinpath(DEFAULT_FILE)))
