@@ -69,7 +69,7 @@ class BertMLM(nn.Module):
                 "pip install '.[protein,transformers]' (from a clone of favorcore)"
             ) from None
         self.config = config
-        hf = transformers.BertConfig(  # type: ignore[call-arg]
+        hf = transformers.BertConfig(  # type: ignore[call-arg,unused-ignore]
             vocab_size=config.vocab_size, hidden_size=config.d_model,
             num_attention_heads=config.n_heads, num_hidden_layers=config.n_layers,
             intermediate_size=config.d_ff or 4 * config.d_model,
