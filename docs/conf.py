@@ -243,18 +243,18 @@ def _protein_tables() -> str:
             diff = 100 * (e["favor"]["accuracy"] - e["exact"]["accuracy"])
             out.append(f"| {e['title']} | {e['step']} | {_ci(e['favor'], 'accuracy', '.4f')} | "
                        f"{_ci(e['exact'], 'accuracy', '.4f')} | {diff:+.2f} |")  # fmt: skip
-    long = [(k, runs[k]) for p in ("L8192-mlm", "L8192-mlm-noseg", "L8192-causal")
+    long = [(k, runs[k]) for p in ("L8192-mlm", "L8192-causal")
             for k in (f"{p}-favor", f"{p}-exact") if k in runs]  # fmt: skip
     if long:
         out += ["", "### Concatenated proteins, L = 8192", "",
                 "| task | model | steps | median s / step | peak MiB | exact's step / this step |",
                 "|---|---|---:|---:|---:|---:|"]  # fmt: skip
         for k, r in long:
-            ex = runs.get(k.rsplit("-", 1)[0] + "-exact")  # (the pair's exact run)
+            ex = runs.get(k.rsplit("-", 1)[0] + "-exact")
             ratio = (f"{ex['median_step_seconds'] / r['median_step_seconds']:.2f}x"
                      if ex else "")  # fmt: skip
             task = "masked" if r["mode"] == "mlm" else "next residue"
-            task += ", across proteins" if "noseg" in k else ", within each protein"
+            task += ", within each protein"
             out.append(
                 f"| {task} | {name[r['attention']]} | {r['steps']} | "
                 f"{r['median_step_seconds']:.2f} | {r['peak_mib']:.0f} | {ratio} |"

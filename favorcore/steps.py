@@ -62,6 +62,7 @@ __all__ = [
     "Steps",
     "backward",
     "causal_sums",
+    "differentiable",
     "fast_paths",
     "forward",
     "lower_mask",
@@ -78,7 +79,7 @@ def with_ones(xp: ModuleType, v: Array) -> Array:
     return xp.concat([v, xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))], axis=-1)
 
 
-def _differentiable(xp: ModuleType, den: Array, bound: Array) -> Array:
+def differentiable(xp: ModuleType, den: Array, bound: Array) -> Array:
     """The rows whose gradient is computed: where the normaliser ``D`` is so small that a
     gradient would overflow (``D <= sqrt(smallest normal)``, or ``D <= bound 1e4 / max
     float`` with ``bound`` the largest entry of the key sums the row was answered from)
@@ -98,7 +99,7 @@ def normalise(xp: ModuleType, o: Array, kv: Array) -> tuple[Array, Array]:
     Under autodiff the division is ``(num / c) / (D / c)`` with ``c = D`` held constant:
     the same value and gradient, but the backward pass never forms ``D**2`` (which
     underflows to 0 and turns gradients into inf/NaN when ``D`` is small); rows whose
-    gradient would overflow pass none (:func:`_differentiable`).
+    gradient would overflow pass none (:func:`differentiable`).
     """
     dv = kv.shape[-1] - 1
     num, den = o[..., :dv], o[..., dv:]
@@ -107,18 +108,18 @@ def normalise(xp: ModuleType, o: Array, kv: Array) -> tuple[Array, Array]:
     c = stop_gradient(xp, safe)
     value = (num / c) / (safe / c)
     bound = stop_gradient(xp, xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True))
-    value = xp.where(_differentiable(xp, den, bound), value, stop_gradient(xp, value))
+    value = xp.where(differentiable(xp, den, bound), value, stop_gradient(xp, value))
     return xp.where(ok | xp.isnan(den), value, 0.0), ~(ok | xp.isnan(den))
 
 
 def _cotangent(xp: ModuleType, den: Array, out: Array, g: Array, kv: Array) -> Array:
     """``g^ = [g ; -(g . out)] / D`` per row; 0 for the rows whose result was set to 0 (a
-    constant) and those that pass no gradient (:func:`_differentiable`, ``kv`` the key
+    constant) and those that pass no gradient (:func:`differentiable`, ``kv`` the key
     sums they were answered from)."""
     bound = xp.max(xp.abs(kv), axis=(-2, -1), keepdims=True)
     while bound.ndim < den.ndim:
         bound = bound[..., None, :, :]
-    ok = _differentiable(xp, den, bound)
+    ok = differentiable(xp, den, bound)
     inv = xp.where(ok, 1.0 / xp.where(ok, den, 1.0), 0.0)
     return xp.concat([g, -xp.sum(g * out, axis=-1, keepdims=True)], axis=-1) * inv
 

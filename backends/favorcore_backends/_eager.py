@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from favorcore.features import Exponent, Form
-from favorcore.steps import Steps, _differentiable
+from favorcore.steps import Steps, differentiable
 
 __all__ = ["GAP", "EagerSteps", "Lib", "norm_limit"]
 
@@ -459,7 +459,7 @@ class EagerSteps(Steps):
         """``1 / den`` for the rows that pass a gradient, 0 for the others
         (:meth:`Steps.answer_grad`), in place."""
         lib = self.lib
-        ok = _differentiable(lib.xp, den, bound)  # the rule's one home
+        ok = differentiable(lib.xp, den, bound)  # the rule's one home
         lib.fill_where(den, ~ok, 1.0)
         lib.native.reciprocal(den, out=den)
         lib.fill_where(den, ~ok, 0.0)
@@ -533,7 +533,7 @@ class EagerSteps(Steps):
         den = native.matmul(qc, pre[:n, :, dv:])[..., 0] + xp.sum(scores, axis=-1)
         # max |prefix| per chunk, by two reductions (an abs would write a copy)
         bound = xp.maximum(xp.max(pre[:n], axis=(1, 2)), -xp.min(pre[:n], axis=(1, 2)))[:, None]
-        ok = _differentiable(xp, den, bound)  # the rows that pass a gradient
+        ok = differentiable(xp, den, bound)  # the rows that pass a gradient
         gh = self.buffer("gh", rows * group, e, qf).reshape(n, cg, e)
         gc = g.reshape(n, cg, dv)
         gh[..., :dv] = gc

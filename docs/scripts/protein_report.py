@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 PAIRS = [("L1024-mlm", "L = 1024, masked"), ("L1024-causal", "L = 1024, next residue")]
-LONG = ["L8192-mlm", "L8192-causal", "L8192-mlm-noseg"]
+LONG = ["L8192-mlm", "L8192-causal"]
 CONVERSIONS = [("convert-mlm", "PerformerLM, masked"), ("convert-causal", "PerformerLM, next residue"),
                ("convert-bert", "Hugging Face BERT, masked")]  # fmt: skip
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +23,6 @@ from torch import nn
 from favorcore import FeatureMap
 
 __all__ = ["BertConfigSpec", "BertMLM", "bert_to_favor"]
-
-_names = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -110,8 +107,10 @@ def bert_to_favor(model: BertMLM, *, features: FeatureMap | None = None,
     (each layer its own draw) with or without the exact balance."""
     from favorcore_backends.transformers import register_transformers
 
+    # one name per estimator (registering it again replaces it): conversions add no entries
+    key = "default" if features is None else f"{features!r}"
     name = register_transformers(
-        f"favorcore_protein_{next(_names)}", features=features, balance=balance
+        f"favorcore_protein[{key}, balance={balance}]", features=features, balance=balance
     )
     new = copy.deepcopy(model)
     new.bert.set_attn_implementation(name)

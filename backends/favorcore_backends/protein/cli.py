@@ -275,10 +275,13 @@ def evaluate(
             inputs, targets = _inputs_targets(batch, args.mode, s.tok, gen, residues_only=True)
             logits = _forward(model, inputs, batch, args.mode, device).float().cpu()
             scored = targets != -100
-            logp = torch.log_softmax(logits[scored].double(), dim=-1)
+            logp = None
+            if keep is not None or against is not None:
+                logp = torch.log_softmax(logits[scored].double(), dim=-1)
             if keep is not None:
                 keep.append(logp)
             if against is not None:
+                assert logp is not None
                 ref = against[b]
                 kl += float((ref.exp() * (ref - logp)).sum())
                 agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
