@@ -99,16 +99,21 @@ class Call:
     group: int = 1
     packed: list[Group] | None = None
 
+    #: the groups, made once (:meth:`groups`)
+    _groups: list[Group] | None = field(default=None, repr=False, compare=False)
+
     def with_arrays(self, **arrays: Any) -> Call:
         """The call with other arrays (the same blocks, form and settings)."""
-        return Call(**{**self.__dict__, **arrays})
+        return Call(**{**self.__dict__, "_groups": None, **arrays})
 
     def groups(self) -> list[Group]:
         if self.packed is not None:
             return self.packed
-        lq, lk = self.x.shape[-2] // self.group, self.y.shape[-2]
-        rows: list[int | None] = [None] if self.steps.vectorized else list(range(self.x.shape[0]))
-        return [Group(r, (0, lq), (0, lk)) for r in rows]
+        if self._groups is None:
+            lq, lk = self.x.shape[-2] // self.group, self.y.shape[-2]
+            rows = [None] if self.steps.vectorized else list(range(self.x.shape[0]))
+            self._groups = [Group(r, (0, lq), (0, lk)) for r in rows]
+        return self._groups
 
     def form_of(self, g: Group) -> Form:
         if g.form is not None:

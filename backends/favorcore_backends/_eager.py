@@ -95,6 +95,12 @@ def _floor(dtype_name: str) -> float:
     return float(x)
 
 
+@functools.lru_cache(maxsize=16)
+def _tiny(xp: ModuleType, dtype: Any) -> float:
+    """The smallest normal number of ``dtype``."""
+    return float(xp.finfo(dtype).smallest_normal)
+
+
 def _dtype_name(a: Any) -> str:
     return str(a.dtype).removeprefix("torch.")
 
@@ -186,8 +192,11 @@ class EagerSteps(Steps):
         if entry is None or entry[0] != key or entry[1].shape[0] < rows:
             xp = self.lib.xp
             buf = xp.empty((max(rows, self.block), cols), dtype=like.dtype, device=like.device)
-            entry = cache[role] = (key, buf)
-        return entry[1][:rows, ...]
+            entry = cache[role] = (key, buf, {})
+        views = entry[2]  # its leading rows, by count (a view made once, not per block)
+        if rows not in views:
+            views[rows] = entry[1][:rows, ...]
+        return views[rows]
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], like: Any) -> Any:
         """An uninitialised array: every row is written by :meth:`answer` or :meth:`causal`."""
@@ -372,7 +381,7 @@ class EagerSteps(Steps):
         """``out = num / den`` per row (0 where ``den`` is at most the smallest normal
         number, NaN stays NaN); returns those rows' mask ``(rows, 1)``."""
         lib = self.lib
-        small = den <= float(lib.xp.finfo(den.dtype).smallest_normal)
+        small = den <= _tiny(lib.xp, den.dtype)
         lib.fill_where(den, small, 1.0)
         lib.native.reciprocal(den, out=den)
         lib.fill_where(den, small, 0.0)
