@@ -193,7 +193,8 @@ class EagerSteps(Steps):
             xp = self.lib.xp
             buf = xp.empty((max(rows, self.block), cols), dtype=like.dtype, device=like.device)
             entry = cache[role] = (key, buf, {})
-        views = entry[2]  # its leading rows, by count (a view made once, not per block)
+        # its leading rows, by count (a view made once, not per block)
+        views: dict[int, Any] = entry[2]
         if rows not in views:
             views[rows] = entry[1][:rows, ...]
         return views[rows]
