@@ -192,12 +192,10 @@ class EagerSteps(Steps):
         if entry is None or entry[0] != key or entry[1].shape[0] < rows:
             xp = self.lib.xp
             buf = xp.empty((max(rows, self.block), cols), dtype=like.dtype, device=like.device)
-            entry = cache[role] = (key, buf, {})
-        # its leading rows, by count (a view made once, not per block)
-        views: dict[int, Any] = entry[2]
-        if rows not in views:
-            views[rows] = entry[1][:rows, ...]
-        return views[rows]
+            entry = cache[role] = [key, buf, -1, None]
+        if entry[2] != rows:  # the last view of its leading rows, kept (not one per block)
+            entry[2], entry[3] = rows, entry[1][:rows, ...]
+        return entry[3]
 
     def output(self, xp: ModuleType, shape: tuple[int, ...], like: Any) -> Any:
         """An uninitialised array: every row is written by :meth:`answer` or :meth:`causal`."""
