@@ -97,6 +97,19 @@ def _pick(a: Array | None, r: int) -> Array | None:
     return a[r % a.shape[0], ...]
 
 
+def _stacked(xp: ModuleType, parts: list[Array]) -> Array:
+    """``parts`` (``lead + (rows_i, m)``, leads broadcasting) stacked along the rows."""
+    lead = np.broadcast_shapes(*(tuple(p.shape[:-2]) for p in parts))
+    return xp.concat([xp.broadcast_to(p, (*lead, *p.shape[-2:])) for p in parts], axis=-2)
+
+
+def _with_column(xp: ModuleType, x: Array, first: Array | None) -> Array:
+    """``[x, first, 1]`` (``[x, 1]`` without ``first``): rows ``x`` with the columns
+    that meet the bias rows of :meth:`Exponent.query_matrix` and :meth:`Exponent.key_matrix`."""
+    ones = xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device(x))
+    return xp.concat([x, ones] if first is None else [x, first, ones], axis=-1)
+
+
 class Form:
     """How one call computes features of blocks of rows: the engine's view of a map.
 
@@ -153,9 +166,10 @@ class Exponent(Form):
     =============  ======================================  ==============================
 
     ``query_bias = A |w|^2 + o`` and ``key_bias = A |w|^2 - o - log(m) / 2`` with the
-    data-independent offset ``o = max(0, top - B)`` (module docstring). Adapters compute
-    the same features faster from these fields; :attr:`memo` keeps what they derive from
-    them once per call.
+    data-independent offset ``o = max(0, top - B)`` (module docstring). Each exponent comes out of one
+    product with :meth:`query_matrix` or :meth:`key_matrix` (the fields and the biases
+    stacked); adapters compute the same features faster from those matrices, and
+    :attr:`memo` keeps what is derived from the fields once per call.
     """
 
     query: Array  # lead + (d, m)
@@ -167,9 +181,27 @@ class Exponent(Form):
     shift: Array | None = None  # lead + (1, d)
     memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def query_matrix(self, xp: ModuleType) -> Array:
+        """``[query; query_bias]``, ``lead + (d + 1, m)``: the queries' exponents are
+        ``[x, 1] @`` it, one product (no second pass over the block adding the bias)."""
+        if "query_matrix" not in self.memo:
+            self.memo["query_matrix"] = _stacked(xp, [self.query, self.query_bias])
+        matrix: Array = self.memo["query_matrix"]
+        return matrix
+
+    def key_matrix(self, xp: ModuleType) -> Array:
+        """``[key; 1; key_bias]``, ``lead + (d + 2, m)``: the keys' exponents are
+        ``[k', -half |k'|^2, 1] @`` it, one product."""
+        if "key_matrix" not in self.memo:
+            ones = xp.ones(self.key_bias.shape, dtype=self.key_bias.dtype,
+                           device=device(self.key_bias))  # fmt: skip
+            self.memo["key_matrix"] = _stacked(xp, [self.key, ones, self.key_bias])
+        matrix: Array = self.memo["key_matrix"]
+        return matrix
+
     def queries(self, xp: ModuleType, x: Array) -> Array:
         """``exp(e - max_row e)``, ``e = x @ query + query_bias`` (the max a constant)."""
-        e = x @ self.query + self.query_bias
+        e = _with_column(xp, x, None) @ self.query_matrix(xp)
         if x.shape[-2]:  # (Dask cannot reduce an empty axis)
             e = e - stop_gradient(xp, xp.max(e, axis=-1, keepdims=True))
         return xp.exp(e)
@@ -184,8 +216,8 @@ class Exponent(Form):
     def keys(self, xp: ModuleType, y: Array) -> Array:
         """``exp(k' @ key + key_bias - half |k'|^2)``: every one at most ``exp(B)``."""
         y = self.balanced_keys(xp, y)
-        half_sq = xp.sum(y * y, axis=-1, keepdims=True) * self.half
-        return xp.exp(y @ self.key + (self.key_bias - half_sq))
+        half_sq = xp.sum(y * y, axis=-1, keepdims=True) * (-self.half)
+        return xp.exp(_with_column(xp, y, half_sq) @ self.key_matrix(xp))
 
     def query_grad(self, xp: ModuleType, x: Array, de: Array) -> Array:
         """``de @ query^T``: the row max (a gradient constant) contributes nothing."""

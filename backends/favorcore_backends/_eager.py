@@ -205,61 +205,59 @@ class EagerSteps(Steps):
 
     def _key_constants(self, form: Exponent) -> _Keys:
         if "keys" not in form.memo:
-            whole = form.memo.get("row_of")  # a row of a form with a row axis
-            rows = None if whole is None else self._rows(whole[0], "keys", self._keys_of)
-            form.memo["keys"] = (rows[whole[1]] if rows and whole else
-                                 self._keys_of(form.key, form.key_bias)[0])  # fmt: skip
+            form.memo["keys"] = self._constants(form, "keys", self._keys_of)
         keys: _Keys = form.memo["keys"]
         return keys
 
     def _query_constants(self, form: Exponent) -> _Queries:
         if "queries" not in form.memo:
-            whole = form.memo.get("row_of")
-            rows = None if whole is None else self._rows(whole[0], "queries", self._queries_of)
-            form.memo["queries"] = (rows[whole[1]] if rows and whole else
-                                    self._queries_of(form.query, form.query_bias)[0])  # fmt: skip
+            form.memo["queries"] = self._constants(form, "queries", self._queries_of)
         queries: _Queries = form.memo["queries"]
         return queries
 
-    def _rows(self, whole: Exponent, kind: str, of: Callable[[Any, Any], list[Any]]) -> Any:
-        """Every row's constants of a form with a row axis, derived at once (None when
-        its fields' row axes differ: then each row derives its own)."""
+    def _constants(self, form: Exponent, kind: str, of: Callable[[Any], list[Any]]) -> Any:
+        """The constants of a form; those of a row of a form with a row axis are derived
+        for every row at once (kept in the whole form's memo)."""
+        whole = form.memo.get("row_of")
+        if whole is None:
+            return of(self._matrix(form, kind))[0]
+        full, r = whole
         key = f"{kind} of rows"
-        if key not in whole.memo:
-            a, b = (
-                (whole.key, whole.key_bias) if kind == "keys" else (whole.query, whole.query_bias)
-            )
-            n = {t.shape[0] for t in (a, b) if t.ndim == 3} - {1}
-            whole.memo[key] = of(a, b) if len(n) == 1 else None
-        return whole.memo[key]
+        if key not in full.memo:
+            full.memo[key] = of(self._matrix(full, kind))
+        rows = full.memo[key]
+        return rows[r % len(rows)]
 
-    def _rows3(self, a: Any, b: Any) -> tuple[Any, Any]:
-        """``a`` ``(n, d, m)`` and ``b`` ``(n, 1, m)``, broadcast to one row axis."""
+    def _matrix(self, form: Exponent, kind: str) -> Any:
+        """The form's key or query matrix (:meth:`~favorcore.features.Exponent.key_matrix`,
+        :meth:`~favorcore.features.Exponent.query_matrix`), ``(n, d + 2, m)``; the query
+        matrix with a last row of ones, which meets the rows' shift ``-s(x)``."""
         xp = self.lib.xp
-        a3, b3 = (t if t.ndim == 3 else t[None, ...] for t in (a, b))
-        n = max(a3.shape[0], b3.shape[0])
-        return (xp.broadcast_to(a3, (n, *a3.shape[1:])), xp.broadcast_to(b3, (n, *b3.shape[1:])))
+        matrix = form.key_matrix(xp) if kind == "keys" else form.query_matrix(xp)
+        if matrix.ndim == 2:
+            matrix = matrix[None, ...]
+        if kind == "queries":
+            ones = xp.ones((*matrix.shape[:-2], 1, matrix.shape[-1]), dtype=matrix.dtype,
+                           device=matrix.device)  # fmt: skip
+            matrix = xp.concat([matrix, ones], axis=1)
+        return matrix
 
-    def _keys_of(self, key: Any, bias: Any) -> list[_Keys]:
-        """The key constants of every row of ``key`` and ``key_bias``."""
+    def _keys_of(self, matrix: Any) -> list[_Keys]:
+        """The key constants of every row of a key matrix ``[key; 1; key_bias]``."""
         xp = self.lib.xp
-        key, bias = self._rows3(key, bias)
-        n, _, m = key.shape
-        ones = xp.ones((n, 1, m), dtype=key.dtype, device=key.device)
-        matrix = xp.concat([key, ones, bias], axis=1)
+        n, d, m = matrix.shape[0], matrix.shape[1] - 2, matrix.shape[2]
+        key, bias = matrix[:, :d, :], matrix[:, d + 1 :, :]
         radius, low = [math.inf] * n, [0.0] * n
         if self.lib.on_host(key) and m:
             radius = np.sqrt(_host(xp.max(xp.sum(key * key, axis=1), axis=1))).tolist()
             low = np.asarray(_host(xp.min(bias, axis=(1, 2)))).tolist()
         return [_Keys(matrix[i], float(radius[i]), float(low[i])) for i in range(n)]
 
-    def _queries_of(self, query: Any, bias: Any) -> list[_Queries]:
-        """The query constants of every row of ``query`` and ``query_bias``."""
+    def _queries_of(self, matrix: Any) -> list[_Queries]:
+        """The query constants of every row of a query matrix ``[query; query_bias; 1]``."""
         xp = self.lib.xp
-        query, bias = self._rows3(query, bias)
-        n, _, m = query.shape
-        ones = xp.ones((n, 1, m), dtype=query.dtype, device=query.device)
-        matrix = xp.concat([query, bias, ones], axis=1)
+        n, d, m = matrix.shape[0], matrix.shape[1] - 2, matrix.shape[2]
+        query, bias = matrix[:, :d, :], matrix[:, d : d + 1, :]
         if not (self.lib.bound_queries and self.lib.on_host(query) and m):
             # every row takes its exact max (no bound, no reading back)
             return [_Queries(matrix[i], math.inf, 0.0, 0.0, -math.inf) for i in range(n)]
