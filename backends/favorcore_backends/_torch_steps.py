@@ -81,8 +81,8 @@ class TorchSteps(EagerSteps):
     """The eager operations for tensors; bidirectional blocks ``wide`` times as long as
     causal ones (each operation costs PyTorch some microseconds, and causal blocks hold
     their chunks' prefixes). Calls that autograd records run with bidirectional blocks
-    half as long (:attr:`training`): the backward's buffers are a block's, and a step at
-    L = 16384 then peaks at about 0.75x the memory for the same time."""
+    half as long (:attr:`training`): the backward's buffers are a block's, so a step
+    peaks lower for the same time (figures: the architecture page)."""
 
     def __init__(self, *, block: int = 4096, chunk: int = 64, wide: int = 4) -> None:
         super().__init__(TORCH, block=block, chunk=chunk)

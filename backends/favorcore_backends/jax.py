@@ -38,10 +38,10 @@ class JaxSteps(Steps):
     computation per block in the traced program), at most ``max_blocks`` blocks per
     sequence (the program and its compile time grow with their number). A bidirectional
     call of a positive map differentiates through the engine's own backward pass
-    (``jax.custom_vjp``: at L = 16384, 8 heads, a step 0.89x the time of JAX's autodiff of
-    the forward, in 0.97x the memory); causal calls through JAX's autodiff, which XLA
-    schedules better there (0.95x the time and 0.80x the peak memory of the engine's
-    backward) and which also gives forward-mode derivatives."""
+    (``jax.custom_vjp``, faster than JAX's autodiff of the forward); causal calls through
+    JAX's autodiff, which XLA schedules better there (faster and in less memory than the
+    engine's backward) and which also gives forward-mode derivatives (figures: the
+    architecture page)."""
 
     def __init__(self) -> None:
         super().__init__(block=1024, chunk=128, vectorized=True, max_blocks=32)
