@@ -6,6 +6,11 @@ keys (causal: the state resets where it starts), and statistics computed from th
 (the balance, the shift, FAVOR++'s ``A``) are each segment's own, so that no document
 changes another's estimate. The boundaries are read from the ids, so the ids must be
 concrete: eager arrays, or Dask arrays (computed, once per call: they are small).
+
+Ids traced by JAX (inside ``jit``) cannot be read: a causal call then marks where each
+document starts (:func:`resets_of`) and the chunked scan restarts there
+(:func:`favorcore.steps.causal_sums`); the statistics must then be given, not computed
+per document.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ._schedule import Group
 from .balance import Balance, BalanceKind, balance_statistics
 from .features import FeatureMap, Form
 
-__all__ = ["check_ids", "groups_of", "segment_form"]
+__all__ = ["check_ids", "groups_of", "resets_of", "segment_form"]
 
 
 def check_ids(
@@ -47,6 +52,34 @@ def check_ids(
             "another); number them in order, or mask instead"
         )
     return host
+
+
+def resets_of(
+    xp: ModuleType,
+    ids: Array,
+    q_batch: tuple[int, ...],
+    batch: tuple[int, ...],
+    length: int,
+    group: int,
+) -> Array:
+    """Where the documents of traced ``ids`` (``q_batch + (length,)``) start: ``(n_rows,
+    length, 1)`` boolean for the flattened ``batch`` (a run of equal ids is a document; the
+    first position continues the call's state). With ``group`` query heads per key head,
+    the heads axis must have size 1 (the heads' agreement cannot be checked)."""
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise TypeError(
+            f"segment_ids must be an integer array (one id per document), got {ids.dtype}"
+        )
+    check_rank(ids, q_batch, length, "segment_ids")
+    if group > 1 and ids.shape[-2] != 1:
+        raise ValueError(
+            "segment_ids: with enable_gqa under jax.jit the query heads of a key head must "
+            "share their documents, which traced ids cannot show: give the heads axis size 1"
+        )
+    rows = xp.reshape(xp.broadcast_to(ids, (*batch, length)), (-1, length))
+    first = xp.zeros((rows.shape[0], min(length, 1)), dtype=xp.bool, device=device(ids))
+    starts = xp.concat([first, rows[:, 1:] != rows[:, :-1]], axis=1)
+    return starts[..., None]
 
 
 def _runs(row: np.ndarray) -> list[tuple[int, int, int]]:

@@ -98,6 +98,9 @@ class Call:
     batch: tuple[int, ...] = field(default=())
     group: int = 1
     packed: list[Group] | None = None
+    #: ``(n_rows, L, 1)`` boolean, True where a document starts: packed sequences whose
+    #: boundaries are traced (causal; each group runs as one work item)
+    resets: Array | None = None
 
     #: the groups, made once (:meth:`groups`)
     _groups: list[Group] | None = field(default=None, repr=False, compare=False)
@@ -160,7 +163,8 @@ class Call:
 
     def items(self, g: Group, span: tuple[int, int]) -> list[tuple[int, int]]:
         """The work items of one group's ``span`` of positions."""
-        parts = max(1, -(-self.steps.workers // len(self.groups())))
+        parts = 1 if self.resets is not None else -(-self.steps.workers // len(self.groups()))
+        parts = max(1, parts)
         return _split(*span, parts, align=self.chunk if self.causal else 1)
 
     def join(self, per_group: list[list[Array]], width: int, dtype: Any) -> Array:
@@ -214,11 +218,13 @@ def flatten(
     group: int = 1,
     packed: list[Group] | None = None,
     form_batch: tuple[int, ...] | None = None,
+    resets: Array | None = None,
 ) -> Call:
     """The :class:`Call` of rows ``x``, ``y``, ``v`` broadcasting to ``batch`` (``mask``
     ``(..., Lk, 1)``, ``kv0`` ``batch + (m, dv + 1)``; ``group`` query rows per key row,
     interleaved by position; ``packed`` the groups of packed sequences, whose forms have
-    the leading dimensions ``form_batch`` when each has its own)."""
+    the leading dimensions ``form_batch`` when each has its own; ``resets`` ``(n_rows, L,
+    1)`` where documents start, when their boundaries are traced)."""
     from .steps import Steps
 
     n_rows = math.prod(batch)
@@ -235,7 +241,7 @@ def flatten(
         flat(x, lq), flat(y, lk), flat(v, lk),
         None if mask is None else flat(mask, lk),
         None if kv0 is None else xp.reshape(kv0, (n_rows, *kv0.shape[-2:])),
-        chunk, causal, m, batch, group, packed,
+        chunk, causal, m, batch, group, packed, resets,
     )  # fmt: skip
 
 
@@ -331,9 +337,10 @@ def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States
             kf, vb = call.keys(g, form, s, e)
             for a, b, c in _pieces(s, e, call.chunk):
                 started.append(((a, b, c), state))
+                resets = None if call.resets is None else call.rows(call.resets, g, a, b)
                 result, small, state = steps.causal(
                     call.xp, form, call.query_rows(call.x, g, a, b), kf[..., a - s : b - s, :],
-                    vb[..., a - s : b - s, :], state, c, _into(call, dest, g, a, b),
+                    vb[..., a - s : b - s, :], state, c, _into(call, dest, g, a, b), resets,
                 )  # fmt: skip
                 pieces.append((result, small))
         return pieces, started, state

@@ -39,8 +39,8 @@ from ._checks import (
     check_scale,
     check_shape,
 )
-from ._compat import Array, compute_dtype, device, is_eager, namespace, to_host
-from ._packed import check_ids, groups_of, segment_form
+from ._compat import Array, compute_dtype, device, is_eager, is_tracer, namespace, to_host
+from ._packed import check_ids, groups_of, resets_of, segment_form
 from ._schedule import Call, Group, backward, flatten, forward
 from .balance import BALANCE_KINDS, Balance, BalanceKind, balance_statistics
 from .features import AccuracyWarning, FeatureMap, Form, OptimalPositiveFeatures
@@ -422,8 +422,11 @@ def _plan(
     own = isinstance(stats, str) or (
         fmap.data_dependent and not (isinstance(stats, Balance) and stats.spread is not None)
     )
-    packed = None
-    if segment_ids is not None or kv_segment_ids is not None:  # read before any other pass
+    packed = resets = None
+    if segment_ids is not None and is_tracer(segment_ids):  # under jax.jit: traced boundaries
+        resets = _traced_resets(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
+                                q.shape[-2] // group, causal)  # fmt: skip
+    elif segment_ids is not None or kv_segment_ids is not None:  # read before any other pass
         packed = _packed_groups(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
                                 q.shape[-2] // group, k.shape[-2], causal, state, return_state,
                                 own)  # fmt: skip
@@ -457,9 +460,33 @@ def _plan(
                      query_mask=query_mask)  # fmt: skip
     call = flatten(
         xp, steps, form, x, y, vc, mask=mask, kv0=kv0, causal=causal, chunk=chunk, batch=batch,
-        m=fmap.num_features(d), group=group, packed=packed,
+        m=fmap.num_features(d), group=group, packed=packed, resets=resets,
     )  # fmt: skip
     return call, fmap
+
+
+def _traced_resets(
+    xp: ModuleType,
+    segment_ids: Array,
+    kv_segment_ids: Array | None,
+    q_batch: tuple[int, ...],
+    batch: tuple[int, ...],
+    group: int,
+    length: int,
+    causal: bool,
+) -> Array:
+    """Where the documents of traced ``segment_ids`` start (causal calls only)."""
+    if not causal:
+        raise ValueError(
+            "segment_ids: under jax.jit (traced ids) only causal attention takes packed "
+            "documents, whose boundaries a chunked scan meets as it goes; for bidirectional "
+            "attention compute the ids outside jit (they are not eager here), or pad the "
+            "documents into a batch with key_mask"
+        )
+    if kv_segment_ids is not None:
+        raise ValueError("kv_segment_ids: causal attention has one sequence; pass segment_ids")
+    # (causal calls compute no statistics from their tokens: nothing is per document)
+    return resets_of(xp, segment_ids, q_batch, batch, length, group)
 
 
 def _packed_groups(
@@ -576,6 +603,11 @@ def favor_attention_vjp(
         query_mask=query_mask, enable_gqa=enable_gqa, segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
     )  # fmt: skip
+    if call.resets is not None:
+        raise ValueError(
+            "favor_attention_vjp: segment_ids are traced here; differentiate favor_attention "
+            "with jax.grad instead (it takes JAX's autodiff), or pass eager ids"
+        )
     xp, batch, group = call.xp, call.batch, call.group
     n_rows, lq, dv = math.prod(batch), call.x.shape[-2], v.shape[-1]
     check_shape("grad", grad, (q.shape[-2], dv), tuple(q.shape[:-2]), q)
@@ -703,8 +735,10 @@ def favor_attention(
         the returned state holds the last one's sums). Statistics computed from the
         tokens (the balance, the shift, FAVOR++'s ``A``) are each document's own. Combined
         with ``key_mask`` by AND. The ids are read (eager arrays; a Dask array of ids is
-        computed, under ``jax.jit`` they are refused); bidirectional calls with them take
-        no state.
+        computed); bidirectional calls with them take no state. Under ``jax.jit`` (traced
+        ids) causal calls take them as the places where the chunked scan restarts (then
+        a document is any run of equal ids, and the query heads of a key head with
+        ``enable_gqa`` give one row of ids: heads axis 1); bidirectional ones refuse them.
     kv_segment_ids : integer array, optional
         The keys' documents when ``Lq != Lk`` (bidirectional): query document ``s``
         attends to the key document with the same id (none: its rows are 0).

@@ -132,8 +132,9 @@ def lower_mask(xp: ModuleType, chunk: int, group: int, like: Array) -> Array:
 
 
 def causal_sums(
-    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int
-) -> tuple[Array, Array]:
+    xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int,
+    resets: Array | None = None,
+) -> tuple[Array, Array]:  # fmt: skip
     """Unnormalised causal linear attention over ``n`` chunks of ``c`` rows: ``(o, kv)``.
 
     Per chunk ``i``: ``o_i = phi(Q_i) S_<i + tril(phi(Q_i) phi(K_i)^T) [V_i | 1]``, where
@@ -141,19 +142,62 @@ def causal_sums(
     exclusive ``cumulative_sum``); ``kv`` is the state after the last chunk. ``v1`` is
     ``[V | 1]``; the keys' rows are ``n c`` exactly, the queries' ``n c G`` for ``G``
     query heads per key head (grouped-query attention: their rows interleaved by position).
+
+    ``resets`` (``(..., n c, 1)`` boolean, or None) marks the positions where a document
+    starts (packed sequences whose boundaries are not known when the program is built): a
+    row sees only the keys of its own document, ``S_<i`` is the sums of the chunks before
+    ``i`` in the document of its first row (a scan over the chunks that restarts at a
+    document's start, never a subtraction), and ``kv`` the sums of the last document.
     """
     batch, rows, m = kf.shape[:-2], kf.shape[-2], kf.shape[-1]
     n, e, group = rows // c, v1.shape[-1], qf.shape[-2] // max(rows, 1)
     qc = xp.reshape(qf, (*qf.shape[:-2], n, c * group, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
+    lower = lower_mask(xp, c, group, qf)
+    if resets is not None:
+        return _document_sums(xp, qc, kc, vc, kv0, lower, resets, qf.shape[-2])
     sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
     prefix, total = sums[..., :n, :, :], sums[..., n, :, :]
     if kv0 is not None:
         prefix, total = prefix + kv0[..., None, :, :], total + kv0
-    scores = xp.where(lower_mask(xp, c, group, qf), qc @ xp.matrix_transpose(kc), 0.0)
+    scores = xp.where(lower, qc @ xp.matrix_transpose(kc), 0.0)
     o = qc @ prefix + scores @ vc
     return xp.reshape(o, (*o.shape[:-3], qf.shape[-2], e)), total
+
+
+def _document_sums(
+    xp: ModuleType, qc: Array, kc: Array, vc: Array, kv0: Array | None, lower: Array,
+    resets: Array, q_rows: int,
+) -> tuple[Array, Array]:  # fmt: skip
+    """:func:`causal_sums` of chunks ``qc``, ``kc``, ``vc`` within the documents that start
+    where ``resets``."""
+    *batch, n, c, m = kc.shape
+    e, group = vc.shape[-1], qc.shape[-2] // c
+    # each position's document, numbered from 0 (the document that continues kv0) in the block
+    doc = xp.cumulative_sum(xp.astype(xp.reshape(resets, (*batch, n * c)), xp.int32), axis=-1)
+    dk = xp.reshape(doc, (*batch, n, c))
+    dq = xp.reshape(xp.broadcast_to(dk[..., None], (*batch, n, c, group)), (*batch, n, c * group))
+    head, tail = dk[..., :1], dk[..., -1:]  # the documents of each chunk's first and last rows
+    same = lower & (dq[..., :, None] == dk[..., None, :])
+    scores = xp.where(same, qc @ xp.matrix_transpose(kc), 0.0)
+    # the sums of each chunk's keys in its last row's document, which the next chunk
+    # continues when its first row is in that document
+    tails = xp.matrix_transpose(xp.where((dk == tail)[..., None], kc, 0.0)) @ vc
+    whole = (head == tail)[..., None]  # (..., n, 1, 1): one document from the first row
+    goes_on = (dk[..., 1:, :1] == tail[..., :-1, :])[..., None]
+    state = xp.zeros((*batch, m, e), dtype=kc.dtype, device=device(kc))
+    if kv0 is not None:
+        state = xp.where((head[..., 0, :] == 0)[..., None], kv0, state)
+    prefixes = []
+    for i in range(n):  # S_<i of the first row's document
+        prefixes.append(state)
+        state = xp.where(whole[..., i, :, :], state, 0.0) + tails[..., i, :, :]
+        if i < n - 1:
+            state = xp.where(goes_on[..., i, :, :], state, 0.0)
+    sees = (dq == head)[..., None]  # rows in the document of their chunk's first row
+    o = xp.where(sees, qc @ xp.stack(prefixes, axis=-3), 0.0) + scores @ vc
+    return xp.reshape(o, (*batch, q_rows, e)), state
 
 
 class Steps:
@@ -244,13 +288,15 @@ class Steps:
 
     def causal(
         self, xp: ModuleType, form: Form, x: Array, kf: Array, v: Array, kv0: Array | None,
-        chunk: int, out: Array | None,
+        chunk: int, out: Array | None, resets: Array | None = None,
     ) -> tuple[Array, Array, Array]:  # fmt: skip
         """A causal block of ``n`` chunks of ``chunk`` key rows (key features ``kf`` and
         values ``v`` from :meth:`keys`; queries ``x``, ``G`` rows per key row for ``G``
         query heads per key head, interleaved) after the state ``kv0`` (None: none):
-        ``(result, small, kv)`` with ``kv`` the state after the block (a new array)."""
-        o, kv = causal_sums(xp, form.queries(xp, x), kf, with_ones(xp, v), kv0, chunk)
+        ``(result, small, kv)`` with ``kv`` the state after the block (a new array).
+        ``resets`` (``(rows, 1)`` boolean, or None) marks where documents start, in packed
+        sequences whose boundaries are traced (:func:`causal_sums`)."""
+        o, kv = causal_sums(xp, form.queries(xp, x), kf, with_ones(xp, v), kv0, chunk, resets)
         result, small = normalise(xp, o, kv)
         return result, small, kv
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -367,6 +368,37 @@ def test_causal_operation_on_edge_sizes(
         np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(to_numpy(kv), to_numpy(kv_s), rtol=1e-12, atol=1e-13)
         np.testing.assert_array_equal(to_numpy(small), to_numpy(small_s))
+
+
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_causal_operation_restarts_where_documents_start(
+    backend: Backend, rng: np.random.Generator, chunk: int
+) -> None:
+    # Packed documents with traced boundaries: the registered causal operation given where
+    # each document starts (inside a chunk, on a chunk's bound, a document of one row)
+    # equals the standard operation run on each document alone, the state given to the
+    # first; the state after is the last document's.
+    xp, a = backend.xp, backend.asarray
+    steps, standard = steps_for(xp), Steps(vectorized=False)
+    fmap = fc.PositiveFeatures(m=16, seed=0)
+    rows, cuts = 28, [0, 5, 8, 9, 28]
+    x, y = rng.standard_normal((rows, 8)) / 2, rng.standard_normal((rows, 8)) / 2
+    vals, kv0 = rng.standard_normal((rows, 5)), rng.random((16, 6))
+    resets = np.zeros((rows, 1), bool)
+    resets[cuts[1:-1]] = True
+    w = fmap.projection_like(a(x))
+    form = fmap.form(xp, a(x), a(y), w, root=0.5).flatten(())
+    kf, vb = steps.keys(xp, form, a(y), a(vals), None)
+    out = steps.output(xp, (1, rows, 5), a(x))
+    got, _, kv = steps.causal(xp, form, a(x), kf, vb, a(kv0), chunk,
+                              None if out is None else out[0], a(resets))  # fmt: skip
+    got, kv = to_numpy(got), to_numpy(kv)
+    for lo, hi in itertools.pairwise(cuts):
+        kf_s, vb_s = standard.keys(xp, form, a(y[lo:hi]), a(vals[lo:hi]), None)
+        state = a(kv0) if lo == 0 else None
+        want, _, kv_s = standard.causal(xp, form, a(x[lo:hi]), kf_s, vb_s, state, hi - lo, None)
+        np.testing.assert_allclose(got[lo:hi], to_numpy(want), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(kv, to_numpy(kv_s), rtol=1e-12, atol=1e-13)
 
 
 def test_query_norm_limit_is_a_bound_and_tight() -> None:

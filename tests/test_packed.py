@@ -25,10 +25,11 @@ def _ids(cuts_per_row=CUTS, length=61) -> np.ndarray:
 @pytest.fixture
 def backend(backend: Backend) -> Backend:
     """The matrix's backends but JAX's, whose conformance runs every call under jax.jit:
-    there the ids cannot be read, and the call is refused (test_bad_segment_ids_raise);
-    eager JAX arrays are tested in test_jax_eager_arrays."""
+    there the ids cannot be read (causal calls take them as a scan's restarts, bidirectional
+    ones are refused: test_traced_ids_*, test_bad_segment_ids_raise); eager JAX arrays are
+    tested in test_jax_eager_arrays."""
     if backend.name == "jax":
-        pytest.skip("segment_ids are refused under jax.jit (tested below), eager JAX below")
+        pytest.skip("traced ids are tested on their own below (test_traced_ids_*)")
     return backend
 
 
@@ -191,3 +192,105 @@ def test_jax_eager_arrays(rng: np.random.Generator) -> None:
         np.testing.assert_allclose(
             np.asarray(got), want, rtol=0, atol=2 * (61 + 256) * u * 4 * np.abs(v).max()
         )
+
+
+def _jit_call(jax, fmap, chunk: int, gqa: bool, masked: bool):
+    def call(q, k, v, ids, kv0, mask):
+        return fc.favor_attention(
+            q, k, v, features=fmap, causal=True, segment_ids=ids, chunk_size=chunk,
+            state=fc.AttentionState(kv0), return_state=True, enable_gqa=gqa,
+            key_mask=mask if masked else None,
+        )  # fmt: skip
+
+    return jax.jit(call)
+
+
+@pytest.mark.parametrize("chunk", [7, 128])
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("features", ["favor+", "default"])
+def test_traced_ids_under_jit_equal_the_eager_call(
+    rng: np.random.Generator, chunk: int, gqa: bool, masked: bool, features: str
+) -> None:
+    # Under jax.jit the boundaries are not known when the program is built: the chunked scan
+    # restarts where a document starts (inside a chunk or on its bound); the result, the
+    # state carried into the first document and the last document's state are those of the
+    # eager ids' groups (float64 NumPy), up to rounding of the same sums. (Causal calls
+    # compute no statistics from their tokens, so the default map takes traced ids too.)
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    q, k, v = _inputs(rng, heads=4)
+    if gqa:  # 4 query heads, 2 key heads
+        k, v = k[:, :2], v[:, :2]
+    fmap = FMAP if features == "favor+" else None
+    m = 16 if fmap is not None else fc.DEFAULT_FEATURES.num_features(8)
+    kv0 = rng.random((3, 2 if gqa else 4, m, 6))
+    mask = rng.random((3, 1, 61)) < 0.8
+    ids = _ids()[:, None, :]
+    out, state = _jit_call(jax, fmap, chunk, gqa, masked)(
+        *(jnp.asarray(t) for t in (q, k, v, ids, kv0, mask))
+    )
+    want, want_state = fc.favor_attention(
+        q, k, v, features=fmap, causal=True, segment_ids=ids, chunk_size=chunk,
+        state=fc.AttentionState(kv0), return_state=True, enable_gqa=gqa,
+        key_mask=mask if masked else None,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(state.kv), want_state.kv, rtol=1e-10, atol=1e-12)
+
+
+def test_traced_ids_are_runs_and_their_gradients_are_the_eager_ones(
+    rng: np.random.Generator,
+) -> None:
+    # A document is a run of equal ids, whatever the numbers (an id may come back later:
+    # another document); jax.grad through the traced scan equals jax.grad of the eager
+    # ids' groups.
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    q, k, v = (jnp.asarray(t) for t in _inputs(rng, heads=1, length=30))
+    runs = np.array([[5] * 9 + [2] * 4 + [5] * 17, [1] * 30, [0, 3] + [1] * 28])[:, None, :]
+    numbered = np.cumsum(np.diff(runs, axis=-1, prepend=runs[..., :1]) != 0, axis=-1)
+    weights = jnp.asarray(rng.standard_normal(v.shape))
+
+    def loss(q, k, v, ids):
+        out = fc.favor_attention(q, k, v, features=FMAP, causal=True, segment_ids=ids,
+                                 chunk_size=4)  # fmt: skip
+        return (out * weights).sum(), out
+
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    grads, out = traced(q, k, v, jnp.asarray(runs))
+    want_grads, want = jax.grad(
+        lambda q, k, v: loss(q, k, v, numbered), argnums=(0, 1, 2), has_aux=True
+    )(q, k, v)  # eager ids (closed over): the groups' path, JAX's autodiff
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-10, atol=1e-12)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-12)
+
+
+def test_traced_ids_refused_where_they_cannot_work(rng: np.random.Generator) -> None:
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    q = jnp.asarray(_inputs(rng)[0])
+    ids = jnp.asarray(_ids()[:, None, :])
+
+    def run(**kw):
+        return jax.jit(lambda q, i: fc.favor_attention(q, q, q, segment_ids=i, **kw))(q, ids)
+
+    with pytest.raises(ValueError, match="only causal attention takes packed documents"):
+        run(features=FMAP)
+    with pytest.raises(ValueError, match="give the heads axis size 1"):
+        jax.jit(lambda q, i: fc.favor_attention(q, q[:, :1], q[:, :1], features=FMAP,
+                                                causal=True, segment_ids=i, enable_gqa=True))(
+            q, jnp.broadcast_to(ids, (3, 2, 61))
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="differentiate favor_attention with jax"):
+        jax.jit(lambda q, i: fc.favor_attention_vjp(q, q, q, q, features=FMAP, causal=True,
+                                                    segment_ids=i))(q, ids)  # fmt: skip
+    with pytest.raises(TypeError, match="segment_ids must be an integer array"):
+        jax.jit(lambda q, i: fc.favor_attention(q, q, q, features=FMAP, causal=True,
+                                                segment_ids=i))(q, ids * 1.0)  # fmt: skip

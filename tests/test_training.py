@@ -129,6 +129,33 @@ def test_jax_grad_equals_the_reference(name: str) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["causal, packed, masked", "causal, gqa, packed, masked"])
+def test_jax_jit_grad_with_traced_ids_equals_the_reference(name: str) -> None:
+    # the ids an argument of the jitted step: the causal scan restarts where documents start
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    case, rng = CASES[name], np.random.default_rng(len(name))
+    p = _problem(case, rng)
+    xp = array_api_compat.array_namespace(jnp.zeros(1))
+    q, k, v, g = (jnp.asarray(p[n]) for n in ("q", "k", "v", "g"))
+
+    def got(q, k, v, ids):
+        return _call({**p, "ids": ids}, case, q, k, v, None, jnp.asarray)
+
+    def loss(out):
+        return jnp.sum(out * g)
+
+    step = jax.jit(jax.value_and_grad(lambda q, k, v, ids: loss(got(q, k, v, ids)), (0, 1, 2)))
+    value, grads = step(q, k, v, jnp.asarray(p["ids"]))
+    want_fn = lambda q, k, v: loss(_reference(xp, p, q, k, v, None))
+    want, refs = jax.value_and_grad(want_fn, (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, want, rtol=1e-10)
+    for a, b in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_torch_float32_gradients_at_length_4096_match_float64() -> None:
     # the float32 chunked path over 4096 tokens against the same path in float64: the
     # step accumulates in float32 (relative error ~ sqrt(L) * 2^-24 per sum, far below 1e-3)

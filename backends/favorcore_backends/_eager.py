@@ -403,11 +403,11 @@ class EagerSteps(Steps):
 
     def causal(
         self, xp: ModuleType, form: Form, x: Any, kf: Any, v: Any, kv0: Any, chunk: int,
-        out: Any,
+        out: Any, resets: Any = None,
     ) -> tuple[Any, Any, Any]:  # fmt: skip
         """Chunk by chunk into this thread's buffers (see the module docstring)."""
-        if not isinstance(form, Exponent):
-            result, small, kv = super().causal(xp, form, x, kf, v, kv0, chunk, out)
+        if not isinstance(form, Exponent) or resets is not None:
+            result, small, kv = super().causal(xp, form, x, kf, v, kv0, chunk, out, resets)
             out[...] = result
             return out, small, kv
         qf, trusted = self._queries(form, x)
