@@ -7,10 +7,10 @@ keys (causal: the state resets where it starts), and statistics computed from th
 changes another's estimate. The boundaries are read from the ids, so the ids must be
 concrete: eager arrays, or Dask arrays (computed, once per call: they are small).
 
-Ids traced by JAX (inside ``jit``) cannot be read: a causal call then marks where each
-document starts (:func:`resets_of`) and the chunked scan restarts there
-(:func:`favorcore.steps.causal_sums`); the statistics must then be given, not computed
-per document.
+Ids traced by JAX (inside ``jit``) cannot be read: the call then marks where each document
+starts (:func:`resets_of`) and the chunked scan restarts there
+(:func:`favorcore.steps.causal_sums`; bidirectional, a second scan from the end adds the
+keys after each row); the statistics must then be given, not computed per document.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def check_ids(
     if not (is_eager(ids) or array_api_compat.is_dask_array(ids)):  # Dask's: computed, small
         raise ValueError(
             f"{name}: the documents' boundaries are read from the ids, which are not eager "
-            "here (a traced, meta or fake array); compute outside jax.jit, or pad the "
-            "documents into a batch with key_mask"
+            "here (a meta or fake tensor: torch.compile's tracing); pass concrete ids, or pad "
+            "the documents into a batch with key_mask"
         )
     host = np.broadcast_to(to_host(ids), (*batch, length)).reshape(-1, length)
     if length > 1 and (np.diff(host, axis=1) < 0).any():

@@ -260,7 +260,10 @@ def forward(call: Call) -> tuple[Array, Array, Array, States]:
     with the state each started from, for :func:`backward`."""
     xp, lq, dv = call.xp, call.x.shape[-2], call.v.shape[-1]
     dest = call.steps.output(xp, (call.x.shape[0], lq, dv), call.x)
-    per_group, kv, states = (_causal if call.causal else _bidirectional)(call, dest)
+    if call.resets is not None and not call.causal:
+        per_group, kv, states = _bidirectional_documents(call)
+    else:
+        per_group, kv, states = (_causal if call.causal else _bidirectional)(call, dest)
     small = call.join([[s for _, s in pieces] for pieces in per_group], 1, xp.bool)
     if dest is None:
         dest = call.join([[r for r, _ in pieces] for pieces in per_group], dv, call.x.dtype)
@@ -355,6 +358,50 @@ def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States
         states.append(list(itertools.chain(*(st for _, st, _ in mine))))
         totals.append(call.zeros(g) if mine[-1][2] is None else mine[-1][2])
     return per_group, call.per_row(totals), states
+
+
+def _bidirectional_documents(call: Call) -> tuple[list[Pieces], Array, States]:
+    """Bidirectional attention within documents whose boundaries are traced: a row's
+    numerator and normaliser are the chunked scan of its document up to it (restarting
+    where a document starts) plus the same scan run from the end of the sequence over the
+    keys after it (restarting where a document ends), normalised once."""
+    from .steps import causal_sums, normalise, with_ones
+
+    xp, chunk, group, resets = call.xp, call.chunk, call.group, call.resets
+    assert resets is not None
+    # where the reversed sequence's documents start: the original's ends
+    ends = xp.concat([resets[:, 1:, :], xp.zeros_like(resets[:, :1, :])], axis=1)
+    per_group = []
+    for g in call.groups():
+        form = call.form_of(g)
+        pieces = [p for s, e in call.blocks(call.y, 0, call.y.shape[-2])
+                  for p in _pieces(s, e, chunk)]  # fmt: skip
+        sums: list[list[Array]] = [[] for _ in pieces]
+        bound = None  # the largest sums met: the gradient's guard of each row (normalise)
+        for reverse in (False, True):
+            state, marks = None, ends if reverse else resets
+            for i in reversed(range(len(pieces))) if reverse else range(len(pieces)):
+                a, b, c = pieces[i]
+
+                def rows(t: Array, per: int = 1, reverse: bool = reverse) -> Array:
+                    return _reversed(xp, t, per) if reverse else t
+
+                qf = rows(form.queries(xp, call.query_rows(call.x, g, a, b)), group)
+                kf, vb = call.keys(g, form, a, b)
+                o, state = causal_sums(xp, qf, rows(kf), with_ones(xp, rows(vb)), state, c,
+                                       rows(call.rows(marks, g, a, b)), strict=reverse)  # fmt: skip
+                sums[i].append(rows(o, group))
+                bound = xp.abs(state) if bound is None else xp.maximum(bound, xp.abs(state))
+        assert bound is not None or not pieces
+        per_group.append([normalise(xp, f + r, bound) for f, r in sums])
+    return per_group, call.per_row([call.zeros(g) for g in call.groups()]), []
+
+
+def _reversed(xp: ModuleType, a: Array, group: int) -> Array:
+    """Rows ``(..., L G, w)`` (``G`` per position, interleaved) with the positions reversed."""
+    shape = a.shape
+    a = xp.reshape(a, (*shape[:-2], shape[-2] // group, group, shape[-1]))
+    return xp.reshape(xp.flip(a, axis=-3), shape)
 
 
 # -- backward ------------------------------------------------------------------------------

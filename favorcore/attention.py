@@ -425,7 +425,8 @@ def _plan(
     packed = resets = None
     if segment_ids is not None and is_tracer(segment_ids):  # under jax.jit: traced boundaries
         resets = _traced_resets(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
-                                q.shape[-2] // group, causal)  # fmt: skip
+                                q.shape[-2] // group, k.shape[-2], causal, state,
+                                return_state, own)  # fmt: skip
     elif segment_ids is not None or kv_segment_ids is not None:  # read before any other pass
         packed = _packed_groups(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
                                 q.shape[-2] // group, k.shape[-2], causal, state, return_state,
@@ -473,19 +474,31 @@ def _traced_resets(
     batch: tuple[int, ...],
     group: int,
     length: int,
+    lk: int,
     causal: bool,
+    state: AttentionState | None,
+    return_state: bool,
+    own: bool,
 ) -> Array:
-    """Where the documents of traced ``segment_ids`` start (causal calls only)."""
-    if not causal:
+    """Where the documents of traced ``segment_ids`` start (every check before any pass
+    over q, k, v)."""
+    if kv_segment_ids is not None or lk != length:
         raise ValueError(
-            "segment_ids: under jax.jit (traced ids) only causal attention takes packed "
-            "documents, whose boundaries a chunked scan meets as it goes; for bidirectional "
-            "attention compute the ids outside jit (they are not eager here), or pad the "
-            "documents into a batch with key_mask"
+            "kv_segment_ids: under jax.jit (traced ids) the keys' documents must be the "
+            "queries' (Lq == Lk, segment_ids alone); compute the ids outside jit"
         )
-    if kv_segment_ids is not None:
-        raise ValueError("kv_segment_ids: causal attention has one sequence; pass segment_ids")
-    # (causal calls compute no statistics from their tokens: nothing is per document)
+    if not causal and (state is not None or return_state):
+        raise ValueError(
+            "segment_ids: a bidirectional state holds the sums of one sequence; with packed "
+            "documents pass no state and return none (causal calls carry the last document's)"
+        )
+    if own:
+        raise ValueError(
+            "segment_ids: under jax.jit each document's statistics (the balance, FAVOR++'s "
+            "A) cannot be computed from traced boundaries; pass balance=False or statistics "
+            "computed beforehand (balance=favorcore.balance_statistics(q, k) of a "
+            "calibration batch), or compute the ids outside jit"
+        )
     return resets_of(xp, segment_ids, q_batch, batch, length, group)
 
 
@@ -736,9 +749,11 @@ def favor_attention(
         tokens (the balance, the shift, FAVOR++'s ``A``) are each document's own. Combined
         with ``key_mask`` by AND. The ids are read (eager arrays; a Dask array of ids is
         computed); bidirectional calls with them take no state. Under ``jax.jit`` (traced
-        ids) causal calls take them as the places where the chunked scan restarts (then
-        a document is any run of equal ids, and the query heads of a key head with
-        ``enable_gqa`` give one row of ids: heads axis 1); bidirectional ones refuse them.
+        ids) they are the places where the chunked scan restarts (bidirectional: a second
+        scan from the end adds the keys after each row); a document is then any run of
+        equal ids, no ``kv_segment_ids``, statistics given rather than computed from the
+        tokens (``balance=False`` or a :class:`~favorcore.Balance`), and with ``enable_gqa``
+        the ids' heads axis has size 1.
     kv_segment_ids : integer array, optional
         The keys' documents when ``Lq != Lk`` (bidirectional): query document ``s``
         attends to the key document with the same id (none: its rows are 0).

@@ -124,16 +124,18 @@ def _cotangent(xp: ModuleType, den: Array, out: Array, g: Array, kv: Array) -> A
     return xp.concat([g, -xp.sum(g * out, axis=-1, keepdims=True)], axis=-1) * inv
 
 
-def lower_mask(xp: ModuleType, chunk: int, group: int, like: Array) -> Array:
+def lower_mask(xp: ModuleType, chunk: int, group: int, like: Array, strict: bool = False) -> Array:
     """``(chunk group, chunk)`` boolean: query row ``r`` (of position ``r // group``: the
-    ``group`` query heads of a key head, interleaved) may see key ``j``."""
+    ``group`` query heads of a key head, interleaved) may see key ``j`` (``j <= r // group``;
+    ``strict``: ``j < r // group``)."""
     pos_q = xp.arange(chunk * group, device=device(like)) // group
-    return pos_q[:, None] >= xp.arange(chunk, device=device(like))[None, :]
+    pos_k = xp.arange(chunk, device=device(like))[None, :]
+    return pos_q[:, None] > pos_k if strict else pos_q[:, None] >= pos_k
 
 
 def causal_sums(
     xp: ModuleType, qf: Array, kf: Array, v1: Array, kv0: Array | None, c: int,
-    resets: Array | None = None,
+    resets: Array | None = None, strict: bool = False,
 ) -> tuple[Array, Array]:  # fmt: skip
     """Unnormalised causal linear attention over ``n`` chunks of ``c`` rows: ``(o, kv)``.
 
@@ -148,13 +150,14 @@ def causal_sums(
     row sees only the keys of its own document, ``S_<i`` is the sums of the chunks before
     ``i`` in the document of its first row (a scan over the chunks that restarts at a
     document's start, never a subtraction), and ``kv`` the sums of the last document.
+    ``strict``: a row sees only the keys before its own position.
     """
     batch, rows, m = kf.shape[:-2], kf.shape[-2], kf.shape[-1]
     n, e, group = rows // c, v1.shape[-1], qf.shape[-2] // max(rows, 1)
     qc = xp.reshape(qf, (*qf.shape[:-2], n, c * group, m))
     kc = xp.reshape(kf, (*batch, n, c, m))
     vc = xp.reshape(v1, (*batch, n, c, e))
-    lower = lower_mask(xp, c, group, qf)
+    lower = lower_mask(xp, c, group, qf, strict)
     if resets is not None:
         return _document_sums(xp, qc, kc, vc, kv0, lower, resets, qf.shape[-2])
     sums = xp.cumulative_sum(xp.matrix_transpose(kc) @ vc, axis=-3, include_initial=True)
@@ -182,22 +185,23 @@ def _document_sums(
     same = lower & (dq[..., :, None] == dk[..., None, :])
     scores = xp.where(same, qc @ xp.matrix_transpose(kc), 0.0)
     # the sums of each chunk's keys in its last row's document, which the next chunk
-    # continues when its first row is in that document
-    tails = xp.matrix_transpose(xp.where((dk == tail)[..., None], kc, 0.0)) @ vc
-    whole = (head == tail)[..., None]  # (..., n, 1, 1): one document from the first row
-    goes_on = (dk[..., 1:, :1] == tail[..., :-1, :])[..., None]
-    state = xp.zeros((*batch, m, e), dtype=kc.dtype, device=device(kc))
-    if kv0 is not None:
-        state = xp.where((head[..., 0, :] == 0)[..., None], kv0, state)
-    prefixes = []
-    for i in range(n):  # S_<i of the first row's document
-        prefixes.append(state)
-        state = xp.where(whole[..., i, :, :], state, 0.0) + tails[..., i, :, :]
-        if i < n - 1:
-            state = xp.where(goes_on[..., i, :, :], state, 0.0)
+    # continues when its first row is in that document: S_<i+1 = keep_i S_<i + add_i, so
+    # S_<i = [no break before i] S_<0 + sum_{j < i} [no break from j + 1 to i] add_j
+    tails = xp.matrix_transpose(kc) @ xp.where((dk == tail)[..., None], vc, 0.0)
+    goes_on = xp.concat([dk[..., 1:, :1] == tail[..., :-1, :],
+                         xp.ones_like(tail[..., :1, :], dtype=xp.bool)], axis=-2)  # fmt: skip
+    add = xp.reshape(xp.where(goes_on[..., None], tails, 0.0), (*batch, n, m * e))
+    broken = xp.astype(~((head == tail) & goes_on)[..., 0], xp.int32)
+    breaks = xp.cumulative_sum(broken, axis=-1, include_initial=True)  # (..., n + 1)
+    order = xp.arange(n + 1, device=device(kc))
+    reach = (order[None, :-1] < order[:, None]) & (breaks[..., :, None] == breaks[..., None, 1:])
+    states = xp.reshape(xp.astype(reach, kc.dtype) @ add, (*batch, n + 1, m, e))
+    if kv0 is not None:  # kv0 continues the document of the block's first row
+        start = xp.where((head[..., 0, :] == 0)[..., None], kv0, 0.0)
+        states = states + xp.where((breaks == 0)[..., None, None], start[..., None, :, :], 0.0)
     sees = (dq == head)[..., None]  # rows in the document of their chunk's first row
-    o = xp.where(sees, qc @ xp.stack(prefixes, axis=-3), 0.0) + scores @ vc
-    return xp.reshape(o, (*batch, q_rows, e)), state
+    o = xp.where(sees, qc @ states[..., :n, :, :], 0.0) + scores @ vc
+    return xp.reshape(o, (*batch, q_rows, e)), states[..., n, :, :]
 
 
 class Steps:

@@ -25,9 +25,8 @@ def _ids(cuts_per_row=CUTS, length=61) -> np.ndarray:
 @pytest.fixture
 def backend(backend: Backend) -> Backend:
     """The matrix's backends but JAX's, whose conformance runs every call under jax.jit:
-    there the ids cannot be read (causal calls take them as a scan's restarts, bidirectional
-    ones are refused: test_traced_ids_*, test_bad_segment_ids_raise); eager JAX arrays are
-    tested in test_jax_eager_arrays."""
+    there the ids cannot be read (they become a scan's restarts, and the statistics must be
+    given: test_traced_ids_*); eager JAX arrays are tested in test_jax_eager_arrays."""
     if backend.name == "jax":
         pytest.skip("traced ids are tested on their own below (test_traced_ids_*)")
     return backend
@@ -170,13 +169,6 @@ def test_bad_segment_ids_raise(rng: np.random.Generator) -> None:
         fc.favor_attention(q, k, v, features=FMAP, segment_ids=ids, return_state=True)
     with pytest.raises(ValueError, match="pass kv_segment_ids"):
         fc.favor_attention(q, k[..., :30, :], v[..., :30, :], segment_ids=ids)
-    jax = pytest.importorskip("jax")
-    import jax.numpy as jnp
-
-    with pytest.raises(ValueError, match="not eager"):
-        jax.jit(lambda q, i: fc.favor_attention(q, q, q, features=FMAP, segment_ids=i))(
-            jnp.asarray(q), jnp.asarray(ids)
-        )
 
 
 def test_jax_eager_arrays(rng: np.random.Generator) -> None:
@@ -194,51 +186,52 @@ def test_jax_eager_arrays(rng: np.random.Generator) -> None:
         )
 
 
-def _jit_call(jax, fmap, chunk: int, gqa: bool, masked: bool):
-    def call(q, k, v, ids, kv0, mask):
-        return fc.favor_attention(
-            q, k, v, features=fmap, causal=True, segment_ids=ids, chunk_size=chunk,
-            state=fc.AttentionState(kv0), return_state=True, enable_gqa=gqa,
-            key_mask=mask if masked else None,
-        )  # fmt: skip
-
-    return jax.jit(call)
+FIXED_A = fc.OptimalPositiveFeatures(m=16, seed=1, a=-0.1)
+TRACED = {  # (causal, features, balance): every map whose statistics are not the tokens'
+    "causal": (True, FMAP, None),
+    "causal, default": (True, None, None),
+    "bidirectional": (False, FMAP, False),
+    "bidirectional, FAVOR++ a fixed": (False, FIXED_A, False),
+}
 
 
-@pytest.mark.parametrize("chunk", [7, 128])
+@pytest.mark.parametrize("case", list(TRACED))
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("features", ["favor+", "default"])
 def test_traced_ids_under_jit_equal_the_eager_call(
-    rng: np.random.Generator, chunk: int, gqa: bool, masked: bool, features: str
+    rng: np.random.Generator, case: str, gqa: bool, masked: bool
 ) -> None:
     # Under jax.jit the boundaries are not known when the program is built: the chunked scan
-    # restarts where a document starts (inside a chunk or on its bound); the result, the
-    # state carried into the first document and the last document's state are those of the
-    # eager ids' groups (float64 NumPy), up to rounding of the same sums. (Causal calls
-    # compute no statistics from their tokens, so the default map takes traced ids too.)
+    # restarts where a document starts (inside a chunk, on its bound, in the last, shorter
+    # piece: 61 = 8 * 7 + 5); bidirectional, a second scan from the end adds the keys after
+    # each row. The result, the state carried into the first document and the last
+    # document's state are those of the eager ids' groups (float64 NumPy), up to rounding
+    # of the same sums. (Causal calls compute no statistics from their tokens, so the
+    # default map takes traced ids too.)
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
+    causal, fmap, balance = TRACED[case]
     q, k, v = _inputs(rng, heads=4)
     if gqa:  # 4 query heads, 2 key heads
         k, v = k[:, :2], v[:, :2]
-    fmap = FMAP if features == "favor+" else None
-    m = 16 if fmap is not None else fc.DEFAULT_FEATURES.num_features(8)
-    kv0 = rng.random((3, 2 if gqa else 4, m, 6))
-    mask = rng.random((3, 1, 61)) < 0.8
+    m = (fmap or fc.DEFAULT_FEATURES).num_features(8)
+    kv0 = rng.random((3, 2 if gqa else 4, m, 6)) if causal else None
+    mask = rng.random((3, 1, 61)) < 0.8 if masked else None
     ids = _ids()[:, None, :]
-    out, state = _jit_call(jax, fmap, chunk, gqa, masked)(
-        *(jnp.asarray(t) for t in (q, k, v, ids, kv0, mask))
-    )
-    want, want_state = fc.favor_attention(
-        q, k, v, features=fmap, causal=True, segment_ids=ids, chunk_size=chunk,
-        state=fc.AttentionState(kv0), return_state=True, enable_gqa=gqa,
-        key_mask=mask if masked else None,
-    )  # fmt: skip
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(state.kv), want_state.kv, rtol=1e-10, atol=1e-12)
+    kw = {"features": fmap, "causal": causal, "chunk_size": 7, "enable_gqa": gqa,
+          "balance": balance, "return_state": causal}  # fmt: skip
+
+    def call(q, k, v, ids, kv0, mask):
+        state = None if kv0 is None else fc.AttentionState(kv0)
+        return fc.favor_attention(q, k, v, segment_ids=ids, key_mask=mask, state=state, **kw)
+
+    got = jax.jit(call)(*(None if t is None else jnp.asarray(t) for t in (q, k, v, ids, kv0, mask)))
+    want = call(q, k, v, ids, kv0, mask)
+    for g, w in zip(got if causal else [got], want if causal else [want], strict=True):
+        g, w = (t.kv if isinstance(t, fc.AttentionState) else t for t in (g, w))
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-10, atol=1e-12)
 
 
 def test_traced_ids_are_runs_and_their_gradients_are_the_eager_ones(
@@ -256,19 +249,21 @@ def test_traced_ids_are_runs_and_their_gradients_are_the_eager_ones(
     numbered = np.cumsum(np.diff(runs, axis=-1, prepend=runs[..., :1]) != 0, axis=-1)
     weights = jnp.asarray(rng.standard_normal(v.shape))
 
-    def loss(q, k, v, ids):
-        out = fc.favor_attention(q, k, v, features=FMAP, causal=True, segment_ids=ids,
-                                 chunk_size=4)  # fmt: skip
-        return (out * weights).sum(), out
+    for causal in (True, False):
 
-    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
-    grads, out = traced(q, k, v, jnp.asarray(runs))
-    want_grads, want = jax.grad(
-        lambda q, k, v: loss(q, k, v, numbered), argnums=(0, 1, 2), has_aux=True
-    )(q, k, v)  # eager ids (closed over): the groups' path, JAX's autodiff
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-10, atol=1e-12)
-    for g, w in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-12)
+        def loss(q, k, v, ids, causal=causal):
+            out = fc.favor_attention(q, k, v, features=FMAP, causal=causal, segment_ids=ids,
+                                     chunk_size=4, balance=False)  # fmt: skip
+            return (out * weights).sum(), out
+
+        traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+        grads, out = traced(q, k, v, jnp.asarray(runs))
+        want_grads, want = jax.grad(
+            lambda q, k, v, loss=loss: loss(q, k, v, numbered), argnums=(0, 1, 2), has_aux=True
+        )(q, k, v)  # eager ids (closed over): the groups' path, JAX's autodiff
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-10, atol=1e-12)
+        for g, w in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-12)
 
 
 def test_traced_ids_refused_where_they_cannot_work(rng: np.random.Generator) -> None:
@@ -281,8 +276,13 @@ def test_traced_ids_refused_where_they_cannot_work(rng: np.random.Generator) -> 
     def run(**kw):
         return jax.jit(lambda q, i: fc.favor_attention(q, q, q, segment_ids=i, **kw))(q, ids)
 
-    with pytest.raises(ValueError, match="only causal attention takes packed documents"):
-        run(features=FMAP)
+    with pytest.raises(ValueError, match="each document's statistics"):
+        run(features=FMAP)  # bidirectional: the balance of each call's tokens
+    with pytest.raises(ValueError, match="a bidirectional state holds the sums of one sequence"):
+        run(features=FMAP, balance=False, return_state=True)
+    with pytest.raises(ValueError, match="the keys' documents must be the queries'"):
+        jax.jit(lambda q, i: fc.favor_attention(q, q, q, features=FMAP, balance=False,
+                                                segment_ids=i, kv_segment_ids=i))(q, ids)  # fmt: skip
     with pytest.raises(ValueError, match="give the heads axis size 1"):
         jax.jit(lambda q, i: fc.favor_attention(q, q[:, :1], q[:, :1], features=FMAP,
                                                 causal=True, segment_ids=i, enable_gqa=True))(

@@ -47,7 +47,7 @@ class JaxSteps(Steps):
         super().__init__(block=1024, chunk=128, vectorized=True, max_blocks=32)
 
     def run(self, call: Call) -> tuple[Any, Any, Any]:
-        if not isinstance(call.form, Exponent) or call.causal:
+        if not isinstance(call.form, Exponent) or call.causal or call.resets is not None:
             return super().run(call)
         form = call.form
 
