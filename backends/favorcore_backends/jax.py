@@ -41,7 +41,7 @@ class JaxSteps(Steps):
     (``jax.custom_vjp``, faster than JAX's autodiff of the forward); causal calls through
     JAX's autodiff, which XLA schedules better there (faster and in less memory than the
     engine's backward) and which also gives forward-mode derivatives (figures: the
-    architecture page)."""
+    architecture page), as do packed calls whose segment ids are traced."""
 
     def __init__(self) -> None:
         super().__init__(block=1024, chunk=128, vectorized=True, max_blocks=32)
