@@ -36,9 +36,7 @@ def check_ids(
 ) -> np.ndarray:
     """The ids of every flattened batch row on the host, ``(n_rows, length)``: integers of
     exactly ``len(batch) + 1`` dimensions (each the batch's or 1), not decreasing."""
-    if not xp.isdtype(ids.dtype, "integral"):
-        raise TypeError(f"{name} must be an integer array (one id per document), got {ids.dtype}")
-    check_rank(ids, batch, length, name)
+    _check_dtype_rank(xp, ids, batch, length, name)
     if not (is_eager(ids) or array_api_compat.is_dask_array(ids)):  # Dask's: computed, small
         raise ValueError(
             f"{name}: the documents' boundaries are read from the ids, which are not eager "
@@ -66,11 +64,7 @@ def resets_of(
     length, 1)`` boolean for the flattened ``batch`` (a run of equal ids is a document; the
     first position continues the call's state). With ``group`` query heads per key head,
     the heads axis must have size 1 (the heads' agreement cannot be checked)."""
-    if not xp.isdtype(ids.dtype, "integral"):
-        raise TypeError(
-            f"segment_ids must be an integer array (one id per document), got {ids.dtype}"
-        )
-    check_rank(ids, q_batch, length, "segment_ids")
+    _check_dtype_rank(xp, ids, q_batch, length, "segment_ids")
     if group > 1 and ids.shape[-2] != 1:
         raise ValueError(
             "segment_ids: with enable_gqa under jax.jit the query heads of a key head must "
@@ -80,6 +74,14 @@ def resets_of(
     first = xp.zeros((rows.shape[0], min(length, 1)), dtype=xp.bool, device=device(ids))
     starts = xp.concat([first, rows[:, 1:] != rows[:, :-1]], axis=1)
     return starts[..., None]
+
+
+def _check_dtype_rank(
+    xp: ModuleType, ids: Array, batch: tuple[int, ...], length: int, name: str
+) -> None:
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array (one id per document), got {ids.dtype}")
+    check_rank(ids, batch, length, name)
 
 
 def _runs(row: np.ndarray) -> list[tuple[int, int, int]]:

@@ -377,19 +377,23 @@ def _bidirectional_documents(call: Call) -> tuple[list[Pieces], Array, States]:
         pieces = [p for s, e in call.blocks(call.y, 0, call.y.shape[-2])
                   for p in _pieces(s, e, chunk)]  # fmt: skip
         sums: list[list[Array]] = [[] for _ in pieces]
+        features: list[tuple[Array, Array, Array]] = []  # each piece's, for the second scan
         bound = None  # the largest sums met: the gradient's guard of each row (normalise)
         for reverse in (False, True):
             state, marks = None, ends if reverse else resets
             for i in reversed(range(len(pieces))) if reverse else range(len(pieces)):
                 a, b, c = pieces[i]
+                if not reverse:
+                    qf = form.queries(xp, call.query_rows(call.x, g, a, b))
+                    features.append((qf, *call.keys(g, form, a, b)))
 
                 def rows(t: Array, per: int = 1, reverse: bool = reverse) -> Array:
                     return _reversed(xp, t, per) if reverse else t
 
-                qf = rows(form.queries(xp, call.query_rows(call.x, g, a, b)), group)
-                kf, vb = call.keys(g, form, a, b)
-                o, state = causal_sums(xp, qf, rows(kf), with_ones(xp, rows(vb)), state, c,
-                                       rows(call.rows(marks, g, a, b)), strict=reverse)  # fmt: skip
+                qf, kf, vb = features[i]
+                o, state = causal_sums(xp, rows(qf, group), rows(kf), with_ones(xp, rows(vb)),
+                                       state, c, rows(call.rows(marks, g, a, b)),
+                                       strict=reverse)  # fmt: skip
                 sums[i].append(rows(o, group))
                 bound = xp.abs(state) if bound is None else xp.maximum(bound, xp.abs(state))
         assert bound is not None or not pieces

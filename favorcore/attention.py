@@ -423,14 +423,19 @@ def _plan(
         fmap.data_dependent and not (isinstance(stats, Balance) and stats.spread is not None)
     )
     packed = resets = None
+    if segment_ids is None and kv_segment_ids is not None:
+        raise ValueError("kv_segment_ids needs segment_ids (the queries' documents)")
+    if segment_ids is not None and not causal and (state is not None or return_state):
+        raise ValueError(
+            "segment_ids: a bidirectional state holds the sums of one sequence; with packed "
+            "documents pass no state and return none (causal calls carry the last document's)"
+        )
     if segment_ids is not None and is_tracer(segment_ids):  # under jax.jit: traced boundaries
         resets = _traced_resets(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
-                                q.shape[-2] // group, k.shape[-2], causal, state,
-                                return_state, own)  # fmt: skip
-    elif segment_ids is not None or kv_segment_ids is not None:  # read before any other pass
+                                q.shape[-2] // group, k.shape[-2], own)  # fmt: skip
+    elif segment_ids is not None:  # read before any other pass
         packed = _packed_groups(xp, segment_ids, kv_segment_ids, q_batch, batch, group,
-                                q.shape[-2] // group, k.shape[-2], causal, state, return_state,
-                                own)  # fmt: skip
+                                q.shape[-2] // group, k.shape[-2], causal, own)  # fmt: skip
     if check_finite:  # the first pass over the data
         _finite(xp, mask, q=q, k=k, v=v)
     if isinstance(stats, str) and packed is None:
@@ -475,9 +480,6 @@ def _traced_resets(
     group: int,
     length: int,
     lk: int,
-    causal: bool,
-    state: AttentionState | None,
-    return_state: bool,
     own: bool,
 ) -> Array:
     """Where the documents of traced ``segment_ids`` start (every check before any pass
@@ -486,11 +488,6 @@ def _traced_resets(
         raise ValueError(
             "kv_segment_ids: under jax.jit (traced ids) the keys' documents must be the "
             "queries' (Lq == Lk, segment_ids alone); compute the ids outside jit"
-        )
-    if not causal and (state is not None or return_state):
-        raise ValueError(
-            "segment_ids: a bidirectional state holds the sums of one sequence; with packed "
-            "documents pass no state and return none (causal calls carry the last document's)"
         )
     if own:
         raise ValueError(
@@ -504,7 +501,7 @@ def _traced_resets(
 
 def _packed_groups(
     xp: ModuleType,
-    segment_ids: Array | None,
+    segment_ids: Array,
     kv_segment_ids: Array | None,
     q_batch: tuple[int, ...],
     batch: tuple[int, ...],
@@ -512,19 +509,10 @@ def _packed_groups(
     lq: int,
     lk: int,
     causal: bool,
-    state: AttentionState | None,
-    return_state: bool,
     own: bool,
 ) -> list[Group]:
     """The groups of a packed call (every check of the ids comes before any pass over q,
     k, v)."""
-    if segment_ids is None:
-        raise ValueError("kv_segment_ids needs segment_ids (the queries' documents)")
-    if not causal and (state is not None or return_state):
-        raise ValueError(
-            "segment_ids: a bidirectional state holds the sums of one sequence; with packed "
-            "documents pass no state and return none (causal calls carry the last document's)"
-        )
     if kv_segment_ids is None:
         if lq != lk:
             raise ValueError("segment_ids: Lq != Lk, so pass kv_segment_ids for the keys")

@@ -166,10 +166,10 @@ class Exponent(Form):
     =============  ======================================  ==============================
 
     ``query_bias = A |w|^2 + o`` and ``key_bias = A |w|^2 - o - log(m) / 2`` with the
-    data-independent offset ``o = max(0, top - B)`` (module docstring). Each exponent comes out of one
-    product with :meth:`query_matrix` or :meth:`key_matrix` (the fields and the biases
-    stacked); adapters compute the same features faster from those matrices, and
-    :attr:`memo` keeps what is derived from the fields once per call.
+    data-independent offset ``o = max(0, top - B)`` (module docstring). Each exponent
+    comes out of one product with :meth:`query_matrix` or :meth:`key_matrix` (the fields
+    and the biases stacked); adapters compute the same features faster from those
+    matrices, and :attr:`memo` keeps what is derived from the fields once per call.
     """
 
     query: Array  # lead + (d, m)
