@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,6 +274,21 @@ def test_torch_compile_of_a_module_call() -> None:
     compiled = torch.compile(mod)
     got = compiled(x, x, x, is_causal=True)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_call_does_not_import_the_compiler() -> None:
+    # torch._dynamo costs a process about 70 MiB and a second to import; a plain call
+    # (forward and backward) must not bring it in, only torch.compile does.
+    code = (
+        "import sys, torch, favorcore as fc, favorcore_backends.torch\n"
+        "x = torch.randn(1, 2, 8, 4, requires_grad=True)\n"
+        "fc.favor_attention(x, x, x, features=fc.PositiveFeatures(m=8, seed=0)).sum().backward()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_from_multihead_keeps_the_weights() -> None:

@@ -93,10 +93,16 @@ class TorchSteps(EagerSteps):
         """:attr:`block` rows for causal attention, ``wide`` times as many bidirectional."""
         return self.block if causal else self.wide * self.block
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # (compiled around, as it is)
     def run(self, call: Call) -> tuple[Any, Any, Any]:
         """The call; with autograd recording, through :class:`_Attention` (positive maps)
-        or autograd of the standard operations (other maps)."""
+        or autograd of the standard operations (other maps). Under ``torch.compile`` the
+        call runs as it is, outside the graph (decorating the method instead would import
+        ``torch._dynamo`` with this module: 70 MiB and a second of every process's time)."""
+        if torch.compiler.is_compiling():
+            return _uncompiled()(self, call)  # type: ignore[no-any-return]
+        return self._run(call)
+
+    def _run(self, call: Call) -> tuple[Any, Any, Any]:
         inputs = [t for t in (call.x, call.y, call.v, call.kv0) if t is not None]
         if not is_eager(call.x):  # meta or fake tensors: the standard operations read no value
             standard = Steps(block=self.block_size(call.x.shape[-2], call.causal), chunk=self.chunk)
@@ -112,6 +118,12 @@ class TorchSteps(EagerSteps):
             call = call.with_arrays(steps=self.training)
             out, kv, small = _Attention.apply(call, call.x, call.y, call.v, call.kv0)  # type: ignore[no-untyped-call]
         return out, kv, small
+
+
+@functools.cache
+def _uncompiled() -> Any:
+    """:meth:`TorchSteps._run`, which ``torch.compile`` calls without tracing it."""
+    return torch.compiler.disable(TorchSteps._run)  # type: ignore[no-untyped-call]
 
 
 class _Attention(torch.autograd.Function):
