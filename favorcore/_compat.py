@@ -32,6 +32,7 @@ __all__ = [
     "namespace",
     "row_mean",
     "stop_gradient",
+    "take_rows",
     "to_host",
 ]
 
@@ -151,6 +152,15 @@ def to_host(x: Array) -> np.ndarray:
 
         return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
     return np.asarray(x)
+
+
+def take_rows(xp: ModuleType, a: Array, index: np.ndarray) -> Array:
+    """The rows ``index`` (a host integer array) of ``a`` along axis 0 (``xp.take``;
+    Dask's take with an index of one element reports the whole axis as its shape, so a
+    Dask array is indexed with the host array itself)."""
+    if array_api_compat.is_dask_array(a):
+        return a[index]
+    return xp.take(a, xp.asarray(index, device=device(a)), axis=0)
 
 
 def row_mean(xp: ModuleType, a: Array, keep: Array | None) -> Array:

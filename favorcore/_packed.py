@@ -15,17 +15,18 @@ keys after each row); the statistics must then be given, not computed per docume
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import array_api_compat
 import numpy as np
 
 from ._checks import check_rank
-from ._compat import Array, device, is_eager, to_host
+from ._compat import Array, device, is_eager, take_rows, to_host
 from ._schedule import Group
-from .balance import Balance, BalanceKind, balance_statistics
+from .balance import SAMPLE, Balance, BalanceKind, balance_statistics
 from .features import FeatureMap, Form
 
 __all__ = ["check_ids", "groups_of", "resets_of", "segment_form"]
@@ -123,34 +124,88 @@ def segment_form(
     group: int,
 ) -> Form:
     """The form with a leading dimension of segments: each segment's statistics from its
-    own tokens. ``x``, ``y`` are the flattened rows ``(n_rows, L, d)`` (queries ``group``
-    rows per position), ``mask`` and ``query_mask`` ``(n_rows, L, 1)`` or None."""
-    dt, dev = x.dtype, device(x)
-    lq = max((g.q[1] - g.q[0]) * group for g in groups)
-    lk = max(g.k[1] - g.k[0] for g in groups)
-
-    def padded(a: Array, m: Array | None, lo: int, hi: int, width: int) -> tuple[Array, Array]:
-        part = a[lo:hi, :]
-        keep = xp.ones((hi - lo,), dtype=xp.bool, device=dev) if m is None else m[lo:hi, 0]
-        pad = width - (hi - lo)
-        if pad:
-            part = xp.concat([part, xp.zeros((pad, a.shape[-1]), dtype=dt, device=dev)])
-            keep = xp.concat([keep, xp.zeros((pad,), dtype=xp.bool, device=dev)])
-        return part, keep
-
-    qs, qm, ks, km = [], [], [], []
+    own tokens, sampled as :func:`~favorcore.balance_statistics` samples that segment
+    alone (a side longer than ``SAMPLE`` rows: every ``ceil(n / SAMPLE)``-th row), so that
+    they are the segment's own call's. ``x``, ``y`` are the flattened rows
+    ``(n_rows, L, d)`` (queries ``group`` rows per position), ``mask`` and ``query_mask``
+    ``(n_rows, L, 1)`` or None. Segments are computed in buckets of similar sampled
+    lengths (powers of two), each padded to its longest: padding every segment to the
+    call's longest would multiply the work."""
+    spans = []  # each segment's query rows and key rows: (row, lo, hi)
     for g in groups:
         assert g.row is not None
-        a, b = padded(x[g.row, ...], None if query_mask is None else query_mask[g.row, ...],
-                      g.q[0] * group, g.q[1] * group, lq)  # fmt: skip
-        c, e = padded(y[g.row, ...], None if mask is None else mask[g.row, ...], g.k[0], g.k[1], lk)
-        qs.append(a)
-        qm.append(b)
-        ks.append(c)
-        km.append(e)
-    xs, ys, qmask, kmask = xp.stack(qs), xp.stack(ks), xp.stack(qm), xp.stack(km)
-    stats: Any = kind
-    if isinstance(kind, str):
-        stats = balance_statistics(xs, ys, key_mask=kmask, query_mask=qmask, scale=root * root,
-                                   kind=kind)  # fmt: skip
-    return fmap.form(xp, xs, ys, w, root=root, balance=stats, key_mask=kmask, query_mask=qmask)
+        spans.append(((g.row, g.q[0] * group, g.q[1] * group), (g.row, g.k[0], g.k[1])))
+    buckets: dict[int, list[int]] = {}
+    for i, (qs, ks) in enumerate(spans):
+        width = max(1, *(-(-(hi - lo) // _step(hi - lo)) for _, lo, hi in (qs, ks)))
+        buckets.setdefault(1 << (width - 1).bit_length(), []).append(i)
+    forms, counts, order = [], [], []
+    for key in sorted(buckets):
+        members = buckets[key]
+        xs, qmask = _gather(xp, x, query_mask, [spans[i][0] for i in members])
+        ys, kmask = _gather(xp, y, mask, [spans[i][1] for i in members])
+        stats: Any = kind
+        if isinstance(kind, str):  # (the rows are sampled already)
+            stats = balance_statistics(xs, ys, key_mask=kmask, query_mask=qmask,
+                                       scale=root * root, kind=kind, sample=None)  # fmt: skip
+        forms.append(fmap.form(xp, xs, ys, w, root=root, balance=stats, key_mask=kmask,
+                               query_mask=qmask))  # fmt: skip
+        counts.append(len(members))
+        order += members
+    if order == sorted(order):
+        return forms[0] if len(forms) == 1 else _joined(xp, forms, counts, None)
+    where = np.empty(len(order), dtype=np.int64)
+    where[order] = np.arange(len(order))  # segment i is row where[i] of the buckets' rows
+    return _joined(xp, forms, counts, where)
+
+
+def _step(n: int) -> int:
+    """How :func:`~favorcore.balance_statistics` samples a side of ``n`` rows: every
+    ``_step(n)``-th row, ``-(-n // _step(n))`` of them."""
+    return -(-n // SAMPLE) or 1
+
+
+def _gather(
+    xp: ModuleType, a: Array, mask: Array | None, spans: list[tuple[int, int, int]]
+) -> tuple[Array, Array]:
+    """The sampled rows of each span ``(row, lo, hi)`` of ``a`` ``(n_rows, L, w)``, padded
+    to the longest: ``(len(spans), width, w)``, and where a row is a valid token
+    ``(len(spans), width)`` (in the span and, with ``mask`` ``(n_rows, L, 1)``, kept).
+    The padding repeats a row of ``a``: the statistics read only valid rows."""
+    n_rows, length, cols = a.shape
+    picked = [np.arange(r * length + lo, r * length + hi, _step(hi - lo)) for r, lo, hi in spans]
+    width = max([1] + [p.size for p in picked])
+    index, valid = np.zeros((len(spans), width), np.int64), np.zeros((len(spans), width), bool)
+    for i, rows in enumerate(picked):
+        index[i, : rows.size], valid[i, : rows.size] = rows, True
+    flat = index.reshape(-1)
+    rows = take_rows(xp, xp.reshape(a, (n_rows * length, cols)), flat)
+    keep = xp.asarray(valid, device=device(a))
+    if mask is not None:
+        keep = keep & xp.reshape(take_rows(xp, xp.reshape(mask, (-1,)), flat), valid.shape)
+    return xp.reshape(rows, (len(spans), width, cols)), keep
+
+
+def _joined(xp: ModuleType, forms: list[Form], counts: list[int], where: np.ndarray | None) -> Form:
+    """One form of the buckets' forms (``counts`` segments each, in turn): every field
+    with a leading dimension of segments concatenated, then taken at ``where`` (None: in
+    order already); fields without one (the projection's, the same in every bucket) kept."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cast(Any, forms[0])):
+        if not f.init or f.name == "memo":
+            continue
+        parts = [getattr(form, f.name) for form in forms]
+        lead = [p for p in parts if _is_array(p) and p.ndim > 2]
+        if not lead:
+            values[f.name] = parts[0]
+            continue
+        tail = tuple(lead[0].shape[1:])
+        whole = xp.concat(
+            [xp.broadcast_to(p, (n, *tail)) for p, n in zip(parts, counts, strict=True)]
+        )
+        values[f.name] = whole if where is None else take_rows(xp, whole, where)
+    return type(forms[0])(**values)
+
+
+def _is_array(a: Any) -> bool:
+    return array_api_compat.is_array_api_obj(a)

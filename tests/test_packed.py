@@ -63,6 +63,25 @@ def test_packed_documents_equal_one_call_each(
             np.testing.assert_allclose(got[part], to_numpy(want), rtol=1e-10, atol=1e-12)
 
 
+def test_a_short_document_beside_a_long_one_keeps_its_own_statistics(
+    backend: Backend, rng: np.random.Generator
+) -> None:
+    # The statistics sample a side longer than 1024 rows; each document is sampled as its
+    # own call samples it, whatever the lengths of the others (a short document beside one
+    # of 1500 tokens reads all of its rows, the long one every second row).
+    a = backend.asarray
+    cuts = [0, 300, 1800, 1830]
+    q, k = (rng.standard_normal((1, 1, cuts[-1], 4)) / 2 for _ in range(2))
+    v = rng.standard_normal((1, 1, cuts[-1], 3))
+    ids = np.repeat(np.arange(3), np.diff(cuts))[None, None, :]
+    fmap = fc.OptimalPositiveFeatures(m=8, seed=0)
+    got = to_numpy(fc.favor_attention(a(q), a(k), a(v), features=fmap, segment_ids=a(ids)))
+    for lo, hi in itertools.pairwise(cuts):
+        part = (slice(None), slice(None), slice(lo, hi))
+        want = fc.favor_attention(a(q[part]), a(k[part]), a(v[part]), features=fmap)
+        np.testing.assert_allclose(got[part], to_numpy(want), rtol=1e-10, atol=1e-12)
+
+
 def test_a_state_continues_the_first_document_and_returns_the_last(
     backend: Backend, rng: np.random.Generator
 ) -> None:
