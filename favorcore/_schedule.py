@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Call", "Group", "backward", "flatten", "forward"]
 
 Piece = tuple[int, int, int]  # positions start:end of a causal piece, and its chunk length
+#: a group's features kept by a bidirectional forward: ``("q" or "k", start, end)`` of a block
+Kept = dict[tuple[str, int, int], Array]
 
 
 def _split(lo: int, hi: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -101,6 +103,9 @@ class Call:
     #: ``(n_rows, L, 1)`` boolean, True where a document starts: packed sequences whose
     #: boundaries are traced (causal; each group runs as one work item)
     resets: Array | None = None
+    #: bidirectional: the forward keeps each block's features for the backward (which
+    #: then does not recompute them); the adapter decides, within its memory budget
+    keep_features: bool = False
 
     #: the groups, made once (:meth:`groups`)
     _groups: list[Group] | None = field(default=None, repr=False, compare=False)
@@ -152,12 +157,16 @@ class Call:
     def blocks(self, a: Array, lo: int, hi: int) -> list[tuple[int, int]]:
         return self.steps.blocks(a, lo, hi, self.chunk if self.causal else None)
 
-    def key_sums(self, item: tuple[Group, int, int]) -> Array | None:
-        """The sums of a work item's keys (None: it has none)."""
+    def key_sums(self, item: tuple[Group, int, int], kept: Kept | None = None) -> Array | None:
+        """The sums of a work item's keys (None: it has none); with ``kept``, each block's
+        features are kept there (a copy: they may be in a buffer)."""
         g, lo, hi = item
         form, total = self.form_of(g), None
         for s, e in self.blocks(self.y, lo, hi):
-            part = self.steps.key_sums(self.xp, *self.keys(g, form, s, e))
+            kf, vb = self.keys(g, form, s, e)
+            if kept is not None:
+                kept["k", s, e] = self.xp.asarray(kf, copy=True)
+            part = self.steps.key_sums(self.xp, kf, vb)
             total = part if total is None else total + part
         return total
 
@@ -249,7 +258,8 @@ def flatten(
 
 Pieces = list[tuple[Array, Array]]  # (result, small) of each block of a group, in order
 #: what the backward pass needs of the forward, per group: causal, its pieces and the
-#: states they started from; bidirectional, the sums it answered from
+#: states they started from; bidirectional, the sums it answered from and the blocks'
+#: features when the call keeps them (else None)
 States = list[Any]
 
 
@@ -291,19 +301,26 @@ def _totals(
 
 def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States]:
     steps, groups = call.steps, call.groups()
+    kept: list[Kept | None] = [{} if call.keep_features else None for _ in groups]
     k_items = [[(g, lo, hi) for lo, hi in call.items(g, g.k)] for g in groups]
-    partial = steps.map(call.key_sums, list(itertools.chain(*k_items)))
+    partial = steps.map(
+        lambda a: call.key_sums(*a),
+        [(it, kept[i]) for i, its in enumerate(k_items) for it in its],
+    )
     totals = _totals(
         call, [call.state(call.kv0, g) for g in groups], partial, [len(i) for i in k_items]
     )
 
     def answer(item: tuple[int, int, int]) -> Pieces:
         i, lo, hi = item
-        g = groups[i]
+        g, mine = groups[i], kept[i]
         form, pieces = call.form_of(g), []
         for s, e in call.blocks(call.x, lo, hi):
             x, into = call.query_rows(call.x, g, s, e), _into(call, dest, g, s, e)
-            pieces.append(steps.answer(call.xp, form, x, totals[i], into))
+            found: list[Array] | None = None if mine is None else []
+            pieces.append(steps.answer(call.xp, form, x, totals[i], into, found))
+            if mine is not None and found:
+                mine["q", s, e] = found[0]
         return pieces
 
     q_items = [[(i, lo, hi) for lo, hi in call.items(g, g.q)] for i, g in enumerate(groups)]
@@ -312,7 +329,7 @@ def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array,
     for items in q_items:
         per_group.append(list(itertools.chain(*answers[i : i + len(items)])))
         i += len(items)
-    return per_group, call.per_row(totals), totals
+    return per_group, call.per_row(totals), list(zip(totals, kept, strict=True))
 
 
 def _causal(call: Call, dest: Array | None) -> tuple[list[Pieces], Array, States]:
@@ -433,7 +450,8 @@ def _row_state(call: Call, a: Array | None, g: Group) -> Array | None:
 def _bidirectional_grad(
     call: Call, out: Array, kv: Array, states: States, g: Array, dkv: Array | None
 ) -> tuple[Array, Array, Array, Array]:
-    steps, groups, xp, sums_of = call.steps, call.groups(), call.xp, states
+    steps, groups, xp = call.steps, call.groups(), call.xp
+    sums_of, kept = [t for t, _ in states], [k or {} for _, k in states]
     dest_x, dest_y, dest_v = _destinations(call)
 
     def queries(item: tuple[int, int, int]) -> tuple[list[Array], Array | None]:
@@ -443,7 +461,8 @@ def _bidirectional_grad(
         grads: list[Array] = []
         for s, e in call.blocks(call.x, lo, hi):
             x, o, gg = (call.query_rows(a, grp, s, e) for a in (call.x, out, g))
-            dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg)
+            qf = kept[i].get(("q", s, e))
+            dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg, qf)
             _keep(grads, dest_x, call.query_rows, grp, s, e, dx)
             total = part if total is None else total + part
         return grads, total
@@ -461,7 +480,8 @@ def _bidirectional_grad(
         form, grads = call.form_of(grp), []
         for s, e in call.blocks(call.y, lo, hi):
             y, v = call.rows(call.y, grp, s, e), call.rows(call.v, grp, s, e)
-            dy, dv = steps.keys_grad(xp, form, y, v, call.keep(grp, s, e), sums[i])
+            kf = kept[i].get(("k", s, e))
+            dy, dv = steps.keys_grad(xp, form, y, v, call.keep(grp, s, e), sums[i], kf)
             if dest_y is None:
                 grads.append((dy, dv))
             else:

@@ -284,11 +284,17 @@ class Steps:
         return xp.matrix_transpose(kf) @ with_ones(xp, v)
 
     def answer(
-        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array | None
-    ) -> tuple[Array, Array]:
+        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array | None,
+        kept: list[Array] | None = None,
+    ) -> tuple[Array, Array]:  # fmt: skip
         """The queries ``x`` of a block answered from the key sums ``kv``:
-        ``(result, small)`` as :func:`normalise` (``result`` is ``out`` when given)."""
-        return normalise(xp, form.queries(xp, x) @ kv, kv)
+        ``(result, small)`` as :func:`normalise` (``result`` is ``out`` when given). With
+        ``kept`` (a list), the block's query features are appended to it, an array the
+        caller may hold (for :meth:`answer_grad`)."""
+        qf = form.queries(xp, x)
+        if kept is not None:
+            kept.append(qf)
+        return normalise(xp, qf @ kv, kv)
 
     def causal(
         self, xp: ModuleType, form: Form, x: Array, kf: Array, v: Array, kv0: Array | None,
@@ -311,30 +317,36 @@ class Steps:
     # -- the backward pass: the same blocks, in reverse where causal ----------------------
 
     def answer_grad(
-        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array, g: Array
-    ) -> tuple[Array, Array]:
-        """The backward of :meth:`answer`: ``(dx, dkv)`` from the output's cotangent ``g``.
+        self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array, g: Array,
+        qf: Array | None = None,
+    ) -> tuple[Array, Array]:  # fmt: skip
+        """The backward of :meth:`answer`: ``(dx, dkv)`` from the output's cotangent ``g``
+        (``qf``: the block's features as :meth:`answer` kept them; None: recomputed).
 
         With ``g^ = [g ; -(g . out)] / D`` per row (0 where the normaliser was too small):
         ``dphi = g^ kv^T``, ``dkv = phi(Q_b)^T g^``, and ``dx`` through the features.
         """
-        qf = form.queries(xp, x)
+        if qf is None:
+            qf = form.queries(xp, x)
         gh = _cotangent(xp, qf @ kv[..., -1:], out, g, kv)
         return form.query_grad(xp, x, (gh @ xp.matrix_transpose(kv)) * qf), xp.matrix_transpose(
             qf
         ) @ gh
 
     def keys_grad(
-        self, xp: ModuleType, form: Form, y: Array, v: Array, keep: Array | None, dkv: Array
-    ) -> tuple[Array, Array]:
+        self, xp: ModuleType, form: Form, y: Array, v: Array, keep: Array | None, dkv: Array,
+        kf: Array | None = None,
+    ) -> tuple[Array, Array]:  # fmt: skip
         """The backward of :meth:`keys` and :meth:`key_sums`: ``(dy, dv)`` from the sums'
         cotangent ``dkv``: ``dphi(K_b) = [V_b | 1] dkv^T``, ``dV_b = phi(K_b) dkv[:, :dv]``;
-        masked rows get 0."""
+        masked rows get 0. ``kf``: the block's features as :meth:`keys` gave them (None:
+        recomputed)."""
         if keep is not None:
             y, v = xp.where(keep, y, 0.0), xp.where(keep, v, 0.0)
-        kf = form.keys(xp, y)
-        if keep is not None:
-            kf = xp.where(keep, kf, 0.0)
+        if kf is None:
+            kf = form.keys(xp, y)
+            if keep is not None:
+                kf = xp.where(keep, kf, 0.0)
         dv = kf @ dkv[..., :-1]
         dy = form.key_grad(xp, y, (with_ones(xp, v) @ xp.matrix_transpose(dkv)) * kf)
         if keep is not None:

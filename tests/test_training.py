@@ -75,9 +75,12 @@ def _reference(xp, p: dict, q, k, v, kv0):
     return xp.reshape(out, (B, HKV * g, L, DV))
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["features kept", "recomputed"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_torch_autograd_equals_the_reference(name: str) -> None:
+def test_torch_autograd_equals_the_reference(name: str, kept: bool) -> None:
     torch = pytest.importorskip("torch")
+    from favorcore_backends.torch import kept_features
+
     case, rng = CASES[name], np.random.default_rng(len(name))
     p = _problem(case, rng)
     xp = array_api_compat.array_namespace(torch.zeros(1))
@@ -85,7 +88,8 @@ def test_torch_autograd_equals_the_reference(name: str) -> None:
     kv0 = None if p["kv0"] is None else torch.tensor(p["kv0"], requires_grad=True)
     leaves += [] if kv0 is None else [kv0]
     g = torch.tensor(p["g"])
-    got = _call(p, case, *leaves[:3], kv0, torch.tensor)
+    with kept_features(1 if kept else 0):  # (these calls' features take a few KiB)
+        got = _call(p, case, *leaves[:3], kv0, torch.tensor)
     want = _reference(xp, p, *leaves[:3], kv0)
     # float64, <= 37 keys and 16 features summed in another order: ~1e-14 relative
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -93,6 +97,44 @@ def test_torch_autograd_equals_the_reference(name: str) -> None:
     refs = torch.autograd.grad((want * g).sum(), leaves)
     for a, b in zip(grads, refs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_backward_recomputes_features_only_beyond_the_budget(monkeypatch) -> None:
+    # a bidirectional call keeps its features within the budget: its backward computes
+    # no key features; beyond the budget (and in this thread only) it recomputes them
+    torch = pytest.importorskip("torch")
+    import threading
+
+    from favorcore_backends._torch_steps import TorchSteps
+    from favorcore_backends.torch import kept_features
+
+    blocks: list[str] = []
+    keys = TorchSteps.keys
+
+    def counted(self, *args):
+        blocks.append(threading.current_thread().name)
+        return keys(self, *args)
+
+    monkeypatch.setattr(TorchSteps, "keys", counted)
+    q, k, v = (torch.randn(1, 2, 50, 8, requires_grad=True) for _ in range(3))
+
+    def step() -> int:
+        out = fc.favor_attention(q, k, v, features=FMAP)
+        blocks.clear()
+        out.sum().backward()
+        return len(blocks)
+
+    assert step() == 0
+    with kept_features(0):
+        assert step() == 2  # one block of keys per head
+        seen: list[int] = []
+        other = threading.Thread(target=lambda: seen.append(step()))
+        other.start()
+        other.join()
+        assert seen == [0]  # another thread keeps its default
+    assert step() == 0
+    with pytest.raises(ValueError, match="budget_mib"), kept_features(-1):
+        pass
 
 
 # packed calls run eagerly on JAX, compiling each document's shapes on first use (seconds

@@ -385,15 +385,22 @@ class EagerSteps(Steps):
         lib.native.multiply(num, den[:, None], out=out)
         return small[:, None]
 
-    def answer(self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any) -> tuple[Any, Any]:
+    def answer(
+        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, kept: Any = None
+    ) -> tuple[Any, Any]:
         """``phi(Q_b) kv[:, :dv]`` straight into ``out``, scaled in place by the
-        reciprocal of ``phi(Q_b) kv[:, dv]``."""
+        reciprocal of ``phi(Q_b) kv[:, dv]``; features to keep are computed with their
+        exact row max, in a new array."""
         if not isinstance(form, Exponent):
-            result, small = super().answer(xp, form, x, kv, out)
+            result, small = super().answer(xp, form, x, kv, out, kept)
             out[...] = result
             return out, small
         native, dv = self.lib.native, kv.shape[1] - 1
-        qf, trusted = self._queries(form, x)
+        if kept is None:
+            qf, trusted = self._queries(form, x)
+        else:
+            qf, trusted = self._exact(form, x), None
+            kept.append(qf)
         native.matmul(qf, kv[:, :dv], out=out)
         den = native.matmul(qf, kv[:, dv])
         if trusted is not None and (weak := self._weak(qf, den, trusted, kv)).shape[0]:
@@ -472,14 +479,15 @@ class EagerSteps(Steps):
         return den
 
     def answer_grad(
-        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, g: Any
+        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, g: Any, qf: Any = None
     ) -> tuple[Any, Any]:
         """The standard backward of :meth:`answer`, in this thread's buffers."""
         if not isinstance(form, Exponent):
-            return super().answer_grad(xp, form, x, kv, out, g)
+            return super().answer_grad(xp, form, x, kv, out, g, qf)
         native = self.lib.native
         (rows, _), (m, e) = x.shape, kv.shape
-        qf = self._exact(form, x, self.buffer("q", rows, m, x))  # a per-row factor cancels
+        if qf is None:  # (a per-row factor of the features cancels)
+            qf = self._exact(form, x, self.buffer("q", rows, m, x))
         den = self._gradient_rows(qf @ kv[:, e - 1 :], float(xp.max(xp.abs(kv))))
         gh = self.buffer("gh", rows, e, x)
         gh[:, : e - 1] = g
@@ -490,13 +498,16 @@ class EagerSteps(Steps):
         return form.query_grad(xp, x, dq), xp.matrix_transpose(qf) @ gh
 
     def keys_grad(
-        self, xp: ModuleType, form: Form, y: Any, v: Any, keep: Any, dkv: Any
+        self, xp: ModuleType, form: Form, y: Any, v: Any, keep: Any, dkv: Any, kf: Any = None
     ) -> tuple[Any, Any]:
         """The standard backward of :meth:`keys` and :meth:`key_sums`, in buffers (masked
         rows have zero features, hence zero gradients)."""
         if not isinstance(form, Exponent):
-            return super().keys_grad(xp, form, y, v, keep, dkv)
-        kf, vb = self.keys(xp, form, y, v, keep)
+            return super().keys_grad(xp, form, y, v, keep, dkv, kf)
+        if kf is None:
+            kf, vb = self.keys(xp, form, y, v, keep)
+        else:
+            vb = v if keep is None else xp.where(keep, v, 0.0)
         dv, lib = v.shape[1], self.lib
         # [V_b | 1] dkv^T in one product
         de = lib.affine(vb, xp.matrix_transpose(dkv[:, :dv]), dkv[:, dv],

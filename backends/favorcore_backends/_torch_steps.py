@@ -6,14 +6,18 @@ use every core, so work items run in order in the calling thread. While autograd
 (any input requires grad) a call of a positive map runs as one ``torch.autograd.Function``:
 its forward is the engine's (in place, into buffers: autograd sees none of it), its
 backward the engine's written-out backward (:func:`favorcore.steps.backward`), from the
-inputs, the output and the states the causal pieces started from, which is all it saves.
-Other maps are differentiated by autograd through the standard operations.
+inputs, the output and the states the causal pieces started from; a bidirectional call
+also keeps its blocks' features when they fit a budget (:func:`kept_features`), so that
+its backward does not recompute them. Other maps are differentiated by autograd through
+the standard operations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat.torch as xp_torch
@@ -27,7 +31,7 @@ from favorcore.steps import Call, Steps, backward, forward
 
 from ._eager import EagerSteps, Lib
 
-__all__ = ["TorchSteps", "no_autocast"]
+__all__ = ["TorchSteps", "kept_features", "no_autocast"]
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -84,6 +88,11 @@ class TorchSteps(EagerSteps):
     half as long (:attr:`training`): the backward's buffers are a block's, so a step
     peaks lower for the same time (figures: the architecture page)."""
 
+    #: bytes of features a bidirectional call recorded by autograd keeps for its backward
+    #: (which then does not recompute them) unless :func:`kept_features` says otherwise;
+    #: calls whose features take more recompute them
+    feature_budget: int = 128 << 20
+
     def __init__(self, *, block: int = 4096, chunk: int = 64, wide: int = 4) -> None:
         super().__init__(TORCH, block=block, chunk=chunk)
         self.wide = wide
@@ -115,9 +124,35 @@ class TorchSteps(EagerSteps):
                 block = self.block_size(call.x.shape[-2], call.causal)
                 standard = Steps(block=block, chunk=self.chunk)
                 return standard.run(call.with_arrays(steps=standard))
-            call = call.with_arrays(steps=self.training)
+            # the query and key features of every row, if they fit the budget
+            size = call.x.shape[0] * (call.x.shape[1] + call.y.shape[1]) * call.m
+            budget = getattr(_BUDGET, "bytes", self.feature_budget)
+            fits = not call.causal and size * call.x.element_size() <= budget
+            call = call.with_arrays(steps=self.training, keep_features=fits)
             out, kv, small = _Attention.apply(call, call.x, call.y, call.v, call.kv0)  # type: ignore[no-untyped-call]
         return out, kv, small
+
+
+_BUDGET = threading.local()  # kept_features' budget in this thread, if any
+
+
+@contextlib.contextmanager
+def kept_features(budget_mib: float) -> Iterator[None]:
+    """Within the block, in this thread: a bidirectional call recorded by autograd keeps
+    its features for the backward if they take at most ``budget_mib`` MiB (0: always
+    recompute them). The default is 128 MiB per call; a model keeps that much per
+    attention layer until its backward."""
+    if isinstance(budget_mib, bool) or not isinstance(budget_mib, int | float) or budget_mib < 0:
+        raise ValueError(f"budget_mib must be a number >= 0 (MiB), got {budget_mib!r}")
+    before = getattr(_BUDGET, "bytes", None)
+    _BUDGET.bytes = int(budget_mib * (1 << 20))
+    try:
+        yield
+    finally:
+        if before is None:
+            del _BUDGET.bytes
+        else:
+            _BUDGET.bytes = before
 
 
 @functools.cache

@@ -11,7 +11,9 @@ only PyTorch has:
 
 A call on tensors that require grad runs the engine's own backward pass (its
 ``torch.autograd.Function`` is in :mod:`favorcore_backends._torch_steps`): it keeps the
-inputs, the output and one ``m x (dv + 1)`` state per causal block, never the features.
+inputs, the output and one ``m x (dv + 1)`` state per causal block; a bidirectional call
+also keeps its features when they take at most 128 MiB (:func:`kept_features` sets that
+budget), which spares its backward recomputing them.
 
 Hugging Face ``transformers`` models take FAVOR attention through
 :mod:`favorcore_backends.transformers`.
@@ -31,9 +33,9 @@ from favorcore import Balance, FeatureMap, OptimalPositiveFeatures
 
 from . import _torch_steps  # noqa: F401  (registers PyTorch's operations)
 from ._heads import pooled_statistics, to_heads
-from ._torch_steps import no_autocast
+from ._torch_steps import kept_features, no_autocast
 
-__all__ = ["FavorAttention", "favorize", "segment_ids_from_cu_seqlens"]
+__all__ = ["FavorAttention", "favorize", "kept_features", "segment_ids_from_cu_seqlens"]
 
 
 def _favor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
