@@ -7,8 +7,10 @@ FAVOR (the default estimator, m = 256) and with exact attention (SDPA), and time
 forward and backward step of each on one sequence of packed documents (protein-like
 lengths, mean about 350), with the documents' boundaries (``segment_ids``) and without
 them (attention across documents, as the papers' concatenated runs), the four cases
-alternating so that drift affects them alike. It prints the medians and the exact/FAVOR
-ratios; ``--profile`` adds PyTorch's profile of the FAVOR step with boundaries. The
+alternating so that drift affects them alike, and, with boundaries, the same model with
+each attention replaced by its values (what the rest of the step costs both models). It
+prints the medians, the exact/FAVOR ratios of the whole step and of attention alone (the
+step less the rest); ``--profile`` adds PyTorch's profile of the FAVOR step with boundaries. The
 optimiser and data pipeline of ``favorcore protein`` are left out: this is the model's
 step alone.
 """
@@ -47,6 +49,10 @@ def main() -> None:
         att: PerformerLM(PerformerConfig(**sizes, attention=att)) for att in ("favor", "exact")
     }
 
+    models["values"] = PerformerLM(PerformerConfig(**sizes, attention="exact"))
+    for layer in models["values"].layers:  # attention replaced by its values
+        setattr(layer.attn, "_exact", lambda q, k, v, *rest: v)  # noqa: B010
+
     def step(att: str, segments: bool) -> None:
         model = models[att]
         model.zero_grad()
@@ -54,6 +60,7 @@ def main() -> None:
         logits.logsumexp(-1).mean().backward()
 
     cases = [(att, seg) for att in ("favor", "exact") for seg in (True, False)]
+    cases.append(("values", True))
     for case in cases:  # warm-up
         step(*case)
     times: dict[tuple[str, bool], list[float]] = {case: [] for case in cases}
@@ -68,6 +75,10 @@ def main() -> None:
         what = "with boundaries   " if seg else "without boundaries"
         print(f"{what}: FAVOR {med['favor', seg]:.2f} s, exact {med['exact', seg]:.2f} s, "
               f"exact / FAVOR {med['exact', seg] / med['favor', seg]:.2f}")  # fmt: skip
+    rest = med["values", True]
+    fav, ex = med["favor", True] - rest, med["exact", True] - rest
+    print(f"with boundaries, the rest of the step {rest:.2f} s; attention alone: FAVOR "
+          f"{fav:.2f} s, exact {ex:.2f} s, exact / FAVOR {ex / fav:.2f}")  # fmt: skip
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
