@@ -133,8 +133,9 @@ def test_torch_backward_recomputes_features_only_beyond_the_budget(monkeypatch) 
         other.join()
         assert seen == [0]  # another thread keeps its default
     assert step() == 0
-    with pytest.raises(ValueError, match="budget_mib"), kept_features(-1):
-        pass
+    for bad in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="budget_mib"), kept_features(bad):
+            pass
 
 
 # packed calls run eagerly on JAX, compiling each document's shapes on first use (seconds

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -142,8 +143,9 @@ def kept_features(budget_mib: float) -> Iterator[None]:
     its features for the backward if they take at most ``budget_mib`` MiB (0: always
     recompute them). The default is 128 MiB per call; a model keeps that much per
     attention layer until its backward."""
-    if isinstance(budget_mib, bool) or not isinstance(budget_mib, int | float) or budget_mib < 0:
-        raise ValueError(f"budget_mib must be a number >= 0 (MiB), got {budget_mib!r}")
+    if (isinstance(budget_mib, bool) or not isinstance(budget_mib, int | float)
+            or not math.isfinite(budget_mib) or budget_mib < 0):  # fmt: skip
+        raise ValueError(f"budget_mib must be a finite number >= 0 (MiB), got {budget_mib!r}")
     before = getattr(_BUDGET, "bytes", None)
     _BUDGET.bytes = int(budget_mib * (1 << 20))
     try:
