@@ -197,3 +197,31 @@ def _logp(model, s, args):
     out: list = []
     cli.evaluate(model, s, args, "cpu", keep=out)
     return out
+
+
+def test_forward_masks_padding_only_where_a_batch_has_some():
+    """A padded batch's real rows equal each protein's logits alone (the mask reaches the
+    model); a batch without padding passes no mask and equals the model with an all-True
+    mask (float64, so the two paths agree to rounding)."""
+    from favorcore_backends.models import PerformerConfig, PerformerLM
+    from favorcore_backends.protein.cli import _forward
+    from favorcore_backends.protein.data import Tokenizer, collate, single_examples
+
+    import favorcore
+
+    tok = Tokenizer()
+    torch.manual_seed(0)
+    cfg = PerformerConfig(vocab_size=len(tok), d_model=16, n_heads=2, n_layers=1)
+    model = PerformerLM(cfg, features=favorcore.OptimalPositiveFeatures(m=16, seed=0)).double()
+    short, long = single_examples(["MKV", "ACDEFGHIKL"], tok, 24)
+    padded = collate([short, long], tok)
+    assert not bool(padded.key_mask.all())
+    got = _forward(model, padded.tokens, padded, "mlm", torch.device("cpu"))
+    n = len(short.tokens)
+    alone = model(torch.as_tensor(short.tokens)[None])
+    torch.testing.assert_close(got[0, :n], alone[0], rtol=1e-10, atol=1e-12)
+    whole = collate([long], tok)
+    assert bool(whole.key_mask.all())
+    got = _forward(model, whole.tokens, whole, "mlm", torch.device("cpu"))
+    masked = model(whole.tokens, key_mask=whole.key_mask)
+    torch.testing.assert_close(got, masked, rtol=1e-10, atol=1e-12)

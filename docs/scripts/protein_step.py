@@ -1,89 +1,84 @@
-"""The protein model's training step at one length: FAVOR against exact attention.
+"""The training step of ``favorcore protein``: FAVOR against exact attention, in one process.
 
-Usage: ``python docs/scripts/protein_step.py [--length 8192] [--repeats 3] [--profile]``.
-It builds the masked-LM :class:`~favorcore_backends.models.PerformerLM` of the protein
-page (``d_model`` 256, 4 heads of 64, 4 layers, MLP 1024, rotary positions) twice, with
-FAVOR (the default estimator, m = 256) and with exact attention (SDPA), and times one
-forward and backward step of each on one sequence of packed documents (protein-like
-lengths, mean about 350), with the documents' boundaries (``segment_ids``) and without
-them (attention across documents, as the papers' concatenated runs), the four cases
-alternating so that drift affects them alike, and, with boundaries, the same model with
-each attention replaced by its values (what the rest of the step costs both models). It
-prints the medians, the exact/FAVOR ratios of the whole step and of attention alone (the
-step less the rest); ``--profile`` adds PyTorch's profile of the FAVOR step with boundaries. The
-optimiser and data pipeline of ``favorcore protein`` are left out: this is the model's
-step alone.
+Usage::
+
+    python docs/scripts/protein_step.py [--repeats 5] [--profile] -- ARGS
+
+``ARGS`` are the options of ``favorcore protein`` (the protein page's L = 8192 runs:
+``--concat --length 8192 --batch-size 1 --d-model 256 --heads 4 --layers 4 --threads 2``);
+``--attention`` and ``--out`` are ignored. It builds the command's data and model three
+times: with FAVOR (the default estimator), with exact attention (SDPA), and with exact
+attention whose every attention is replaced by its values (what the rest of the step
+costs both). Each round takes the next training batch and runs the command's own
+training step (BERT masking, forward, loss, backward, clipping, AdamW) on it with each
+model in turn, alternating the order, so that drift and the batches affect them alike.
+It prints the medians, the median of the rounds' exact/FAVOR ratios, and attention alone
+(each step less the rest's); ``--profile`` adds PyTorch's profile of one FAVOR step.
+Separate runs of the command are timed minutes apart; this comparison is not.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from typing import Any
 
 
 def main() -> None:
-    import numpy as np
     import torch
-    from favorcore_backends.models import PerformerLM
-    from favorcore_backends.models.performer import PerformerConfig
+    from favorcore_backends.protein import cli
+    from favorcore_backends.protein.data import Batches
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("args", nargs="*", help="favorcore protein's options (after --)")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    lengths: list[int] = []
-    while sum(lengths) < a.length:  # protein-like lengths: a gamma, mean about 350
-        lengths.append(int(rng.gamma(2.0, 160.0)) + 30)
-    ids = torch.tensor(np.repeat(np.arange(len(lengths)), lengths)[: a.length])[None]
-    tokens = torch.randint(4, 29, (1, a.length))
-    sizes: dict[str, Any] = {"vocab_size": 32, "d_model": 256, "n_heads": 4, "n_layers": 4,
-                             "d_ff": 1024, "max_len": a.length}  # fmt: skip
-    models = {
-        att: PerformerLM(PerformerConfig(**sizes, attention=att)) for att in ("favor", "exact")
-    }
-
-    models["values"] = PerformerLM(PerformerConfig(**sizes, attention="exact"))
+    args = cli._parser().parse_args([*a.args, "--out", tempfile.gettempdir()])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = cli._setup(args)
+    device = torch.device("cpu")
+    models: dict[str, Any] = {}
+    for att in ("favor", "exact", "values"):
+        args.attention = "exact" if att == "values" else att
+        torch.manual_seed(args.seed)
+        models[att] = cli._model(args, len(s.tok))
     for layer in models["values"].layers:  # attention replaced by its values
         setattr(layer.attn, "_exact", lambda q, k, v, *rest: v)  # noqa: B010
+    opts = {att: torch.optim.AdamW(m.parameters(), lr=args.lr) for att, m in models.items()}
+    batches = Batches(s.train, args.batch_size, s.tok, args.seed)
 
-    def step(att: str, segments: bool) -> None:
-        model = models[att]
-        model.zero_grad()
-        logits = model(tokens, segment_ids=ids if segments else None)
-        logits.logsumexp(-1).mean().backward()
+    def step(att: str, batch: Any, k: int) -> None:
+        cli.train_step(models[att], opts[att], batch, s, args, k, device)
 
-    cases = [(att, seg) for att in ("favor", "exact") for seg in (True, False)]
-    cases.append(("values", True))
-    for case in cases:  # warm-up
-        step(*case)
-    times: dict[tuple[str, bool], list[float]] = {case: [] for case in cases}
-    for _ in range(a.repeats):
-        for case in cases:
+    first = next(batches)
+    for att in models:  # warm-up
+        step(att, first, 0)
+    times: dict[str, list[float]] = {att: [] for att in models}
+    for r in range(a.repeats):
+        batch = next(batches)
+        for att in list(models) if r % 2 else list(models)[::-1]:
             t = time.perf_counter()
-            step(*case)
-            times[case].append(time.perf_counter() - t)
-    med = {case: statistics.median(ts) for case, ts in times.items()}
-    print(f"L = {a.length}, {len(lengths)} documents, {a.threads} threads")
-    for seg in (True, False):
-        what = "with boundaries   " if seg else "without boundaries"
-        print(f"{what}: FAVOR {med['favor', seg]:.2f} s, exact {med['exact', seg]:.2f} s, "
-              f"exact / FAVOR {med['exact', seg] / med['favor', seg]:.2f}")  # fmt: skip
-    rest = med["values", True]
-    fav, ex = med["favor", True] - rest, med["exact", True] - rest
-    print(f"with boundaries, the rest of the step {rest:.2f} s; attention alone: FAVOR "
-          f"{fav:.2f} s, exact {ex:.2f} s, exact / FAVOR {ex / fav:.2f}")  # fmt: skip
+            step(att, batch, r + 1)
+            times[att].append(time.perf_counter() - t)
+    med = {att: statistics.median(ts) for att, ts in times.items()}
+    ratio = statistics.median(e / f for e, f in zip(times["exact"], times["favor"], strict=True))
+    rest = med["values"]
+    fav, ex = med["favor"] - rest, med["exact"] - rest
+    print(f"favorcore protein {' '.join(a.args)}: {a.repeats} rounds, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"training step: FAVOR {med['favor']:.2f} s, exact {med['exact']:.2f} s, "
+          f"exact / FAVOR {ratio:.2f} (median of the rounds' ratios)")  # fmt: skip
+    print(f"the rest of the step {rest:.2f} s; attention alone: FAVOR {fav:.2f} s, "
+          f"exact {ex:.2f} s, exact / FAVOR {ex / fav:.2f}")  # fmt: skip
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step("favor", True)
+            step("favor", first, 0)
         table: Any = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         print(table)
 

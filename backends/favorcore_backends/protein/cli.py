@@ -207,8 +207,12 @@ def _inputs_targets(batch: Any, mode: str, tok: Any, gen: Any, *, residues_only:
 
 
 def _forward(model: Any, inputs: Any, batch: Any, mode: str, device: Any) -> Any:
+    """The model's logits; a batch with no padding passes no mask (the check reads the
+    host's copy: an all-True mask would cost FAVOR masked passes in every layer)."""
+    padded = not bool(batch.key_mask.all())
     return model(
-        inputs.to(device), causal=mode == "causal", key_mask=batch.key_mask.to(device),
+        inputs.to(device), causal=mode == "causal",
+        key_mask=batch.key_mask.to(device) if padded else None,
         segment_ids=None if batch.segment_ids is None else batch.segment_ids.to(device),
     )  # fmt: skip
 
@@ -363,6 +367,28 @@ def _plot(out: Path, history: dict[str, Any], title: str) -> str | None:
     return str(path)
 
 
+def train_step(
+    model: Any, opt: Any, batch: Any, s: Setup, args: argparse.Namespace, step: int, device: Any
+) -> Any:
+    """One optimiser step of training (``step`` counts from 0: the masks and the learning
+    rate's warm-up depend on it); returns the loss (a tensor)."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs, targets = _inputs_targets(
+        batch, args.mode, s.tok, _generator(args.seed, 0, step), residues_only=False
+    )
+    for group in opt.param_groups:
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    logits = _forward(model, inputs, batch, args.mode, device)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def train(
     args: argparse.Namespace,
     model: Any = None,
@@ -372,7 +398,6 @@ def train(
 ) -> dict[str, Any]:
     """Train (or continue, ``args.resume``) and evaluate; returns the metrics written."""
     import torch
-    import torch.nn.functional as F
 
     from .data import Batches
 
@@ -427,19 +452,7 @@ def train(
             model.calibrate(batch.tokens.to(device), key_mask=batch.key_mask.to(device),
                             segment_ids=None if batch.segment_ids is None
                             else batch.segment_ids.to(device))  # fmt: skip
-        inputs, targets = _inputs_targets(
-            batch, args.mode, s.tok, _generator(args.seed, 0, step), residues_only=False
-        )
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        logits = _forward(model, inputs, batch, args.mode, device)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, batch, s, args, step, device)
         step += 1
         elapsed = time.monotonic() - start
         history["train"].append({"step": step, "loss": loss.item(), "seconds": elapsed})
