@@ -23,6 +23,15 @@ nox.options.sessions = ["tests", "lint", "docs"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TORCH = os.environ.get("FAVORCORE_TORCH", "torch==2.13.0")
+PEERS = [  # performer-pytorch and its dependencies, without letting them replace torch
+    "performer-pytorch==1.1.4",
+    "einops",
+    "local-attention",
+    "axial-positional-embedding",
+    "hyper-connections",
+]
+
+
 #: session id -> (matrix backends it runs, extra requirements, modules whose doctests run)
 BACKENDS: dict[str, tuple[str, list[str], list[str]]] = {
     "numpy": ("numpy", ["scikit-learn"], ["favorcore", "favorcore_backends.numpy"]),
@@ -56,6 +65,8 @@ def tests(session: nox.Session, backend: str) -> None:
     _install(session, "test")
     if extra:
         session.install(*extra)
+    if backend == "torch":  # the protein conversion's performer-pytorch rows are tested
+        session.install("--no-deps", *PEERS)
     env = {"FAVORCORE_BACKENDS": selected, "FAVORCORE_EXPECT_INSTALLED": "1"}
     session.run("pytest", *session.posargs, env=env)
     if doctests and not session.posargs:
@@ -91,15 +102,6 @@ def docs(session: nox.Session) -> None:
         "docs/_build/html",
         *session.posargs,
     )
-
-
-PEERS = [  # performer-pytorch and its dependencies, without letting them replace torch
-    "performer-pytorch==1.1.4",
-    "einops",
-    "local-attention",
-    "axial-positional-embedding",
-    "hyper-connections",
-]
 
 
 @nox.session

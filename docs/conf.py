@@ -259,21 +259,25 @@ def _protein_tables() -> str:
                 f"| {task} | {name[r['attention']]} | {r['steps']} | "
                 f"{r['median_step_seconds']:.2f} | {r['peak_mib']:.0f} | {ratio} |"
             )
+    labels = {"favor": "favorcore default", "favor+": "FAVOR+",
+              "performer-pytorch": "performer-pytorch"}  # fmt: skip
     for c in data["conversions"]:
         src = c["source_metrics"]
+        present = {r["attention"] for r in c["converted"]}
+        columns = [(att, label) for att, label in labels.items() if att in present]
         out += ["", f"### Conversion: {c['title']}", "",
                 (f"The trained exact model: accuracy {_ci(src, 'accuracy', '.4f')} over "
                 f"{src['positions']} positions (unigram {c['unigram']['accuracy']:.4f}). Its "
                 "weights with FAVOR attention, without training; *KL* is the mean "
                 "KL(trained || converted) of the predicted distributions per scored position "
                 "(nats), *agree* the share of positions where their top predictions agree."), "",
-                ("| m | favorcore default | drop (points) | KL | agree | FAVOR+ | drop (points) "
-                "| KL | agree |"),
-                "|---:|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+                "| m | " + " | ".join(f"{label} | drop (points) | KL | agree"
+                                      for _, label in columns) + " |",
+                "|---:|" + "---|---:|---:|---:|" * len(columns)]  # fmt: skip
         by = {(r["attention"], r["m"]): r for r in c["converted"]}
         for m in sorted({r["m"] for r in c["converted"]}):
             cells = []
-            for att in ("favor", "favor+"):
+            for att, _ in columns:
                 r = by.get((att, m))
                 cells += ([_ci(r, "accuracy", ".4f"),
                            f"{100 * (src['accuracy'] - r['accuracy']):.2f}",

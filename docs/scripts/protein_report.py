@@ -123,9 +123,12 @@ def plot(summary: dict[str, Any], out: Path) -> None:
         fig, axes = plt.subplots(2, len(conv), figsize=(4.2 * len(conv), 7.5), squeeze=False)
         for j, c in enumerate(conv):
             top, bottom = axes[0][j], axes[1][j]
-            for att, style in (("favor", "o-"), ("favor+", "s--")):
+            for att, style, name in (("favor", "o-", "favorcore default (FAVOR++, balanced)"),
+                                     ("favor+", "s--", "FAVOR+"),
+                                     ("performer-pytorch", "^:", "performer-pytorch")):  # fmt: skip
                 rows = [r for r in c["converted"] if r["attention"] == att]
-                name = "favorcore default (FAVOR++, balanced)" if att == "favor" else "FAVOR+"
+                if not rows:
+                    continue
                 top.plot([r["m"] for r in rows], [r["accuracy"] for r in rows], style, label=name)
             top.axhline(c["source_metrics"]["accuracy"], color="k", label="trained exact")
             top.axhline(c["unigram"]["accuracy"], color="gray", ls=":", label="unigram")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -545,6 +546,12 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
             metrics, _ = evaluate_calibrated(new, s, args, device, against=reference)
             rows.append({"attention": attention, "m": m, **metrics,
                          "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
+    if _compares_performer_pytorch(args, source):
+        for m in opts.m:
+            new = _performer_pytorch(source, m, args.seed)
+            metrics, _ = evaluate(new, s, args, device, against=reference)
+            rows.append({"attention": "performer-pytorch", "m": m, **metrics,
+                         "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
     result: dict[str, Any] = {
         "source": str(opts.source), "source_attention": args.attention, "mode": args.mode,
         "source_metrics": base, "unigram": _unigram, "converted": rows,
@@ -567,6 +574,55 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
                                "final": fine["held_out"]}  # fmt: skip
     (opts.out / "conversion.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _compares_performer_pytorch(args: argparse.Namespace, source: Any) -> bool:
+    """Whether a conversion adds performer-pytorch's rows: a masked PerformerLM trained with
+    exact attention, and performer-pytorch installed."""
+    import importlib.util
+
+    return (args.mode == "mlm" and getattr(args, "model", "performer") == "performer"
+            and source.features is None
+            and importlib.util.find_spec("performer_pytorch") is not None)  # fmt: skip
+
+
+def _performer_pytorch(source: Any, m: int, seed: int) -> Any:
+    """A copy of the exact model ``source`` whose attention is performer-pytorch's
+    ``FastAttention`` (FAVOR+ with its own orthogonal draw of ``m`` features per layer,
+    seeded), masked as performer-pytorch's ``SelfAttention`` masks padding: the padded
+    keys' values are zeroed, their features stay in the normaliser. Bidirectional
+    attention without ``segment_ids`` only."""
+    import copy
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # (its import compares versions with distutils')
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from performer_pytorch import FastAttention
+
+    model = copy.deepcopy(source)
+    where = next(source.parameters()).device
+    for layer, attn in enumerate(model.attention_modules()):
+        with torch.random.fork_rng(devices=[]):  # (its draw uses torch's global generator)
+            torch.manual_seed(int(np.random.SeedSequence([seed, layer]).generate_state(1)[0]))
+            fast = FastAttention(attn.head_dim, nb_features=m).to(where)
+        attn.add_module("performer_pytorch", fast)
+        setattr(attn, "_exact", functools.partial(_performer_pytorch_attention, fast))  # noqa: B010
+    return model
+
+
+def _performer_pytorch_attention(
+    fast: Any, q: Any, k: Any, v: Any, causal: bool, key_mask: Any, segment_ids: Any
+) -> Any:
+    if causal or segment_ids is not None:
+        raise ValueError(
+            "the performer-pytorch comparison runs bidirectional attention without "
+            "segment_ids only (masked models of single proteins)"
+        )
+    if key_mask is not None:
+        v = v.masked_fill(~key_mask[:, None, :, None], 0.0)
+    return fast(q, k, v)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
