@@ -221,16 +221,26 @@ def test_forward_masks_padding_only_where_a_batch_has_some():
     torch.manual_seed(0)
     cfg = PerformerConfig(vocab_size=len(tok), d_model=16, n_heads=2, n_layers=1)
     model = PerformerLM(cfg, features=favorcore.OptimalPositiveFeatures(m=16, seed=0)).double()
+    seen = []  # the key_mask each forward receives
+    inner = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("key_mask"))
+        return inner(*args, **kwargs)
+
+    model.forward = spy
     short, long = single_examples(["MKV", "ACDEFGHIKL"], tok, 24)
     padded = collate([short, long], tok)
     assert not bool(padded.key_mask.all())
     got = _forward(model, padded.tokens, padded, "mlm", torch.device("cpu"))
+    assert seen[-1] is not None
     n = len(short.tokens)
     alone = model(torch.as_tensor(short.tokens)[None])
     torch.testing.assert_close(got[0, :n], alone[0], rtol=1e-10, atol=1e-12)
     whole = collate([long], tok)
     assert bool(whole.key_mask.all())
     got = _forward(model, whole.tokens, whole, "mlm", torch.device("cpu"))
+    assert seen[-1] is None
     masked = model(whole.tokens, key_mask=whole.key_mask)
     torch.testing.assert_close(got, masked, rtol=1e-10, atol=1e-12)
 
@@ -266,3 +276,30 @@ def test_performer_pytorch_attention_masks_padding_as_performer_pytorch():
     assert (got[1] - without[1]).abs().max() > 0.25
     with pytest.raises(ValueError, match="bidirectional attention without segment_ids"):
         _performer_pytorch_attention(fast, q, k, v, True, None, None)
+
+
+def test_performer_pytorch_copy_replaces_every_attention_and_keeps_the_source():
+    """``_performer_pytorch``: a copy whose logits differ from the exact source's (its
+    attention is an estimate) but stay near them (m = 4096 at initialisation, whose
+    attention is nearly uniform: 4e-4 at most here, against logits up to 0.25; bound 1e-2); the
+    source and torch's global generator are left as they were."""
+    if not _has_peer():
+        pytest.skip("the comparison needs performer-pytorch")
+    from favorcore_backends.models import PerformerConfig, PerformerLM
+    from favorcore_backends.protein.cli import _performer_pytorch
+
+    torch.manual_seed(0)
+    cfg = PerformerConfig(vocab_size=32, d_model=16, n_heads=2, n_layers=2, attention="exact")
+    source = PerformerLM(cfg).double().eval()
+    tokens = torch.randint(4, 29, (2, 20))
+    with torch.no_grad():
+        before = source(tokens)
+        rng = torch.get_rng_state()
+        copy = _performer_pytorch(source, 4096, 0)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(hasattr(a, "performer_pytorch") for a in copy.attention_modules())
+        assert len(copy.attention_modules()) == 2
+        got = copy(tokens)
+        assert torch.equal(source(tokens), before)
+    assert not torch.equal(got, before)
+    assert (got - before).abs().max() < 1e-2

@@ -549,7 +549,7 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     if _compares_performer_pytorch(args, source):
         for m in opts.m:
             new = _performer_pytorch(source, m, args.seed)
-            metrics, _ = evaluate(new, s, args, device, against=reference)
+            metrics, _ = evaluate_calibrated(new, s, args, device, against=reference)
             rows.append({"attention": "performer-pytorch", "m": m, **metrics,
                          "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
     result: dict[str, Any] = {
@@ -578,11 +578,12 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
 
 def _compares_performer_pytorch(args: argparse.Namespace, source: Any) -> bool:
     """Whether a conversion adds performer-pytorch's rows: a masked PerformerLM trained with
-    exact attention, and performer-pytorch installed."""
+    exact attention on batches without documents' boundaries, and performer-pytorch
+    installed."""
     import importlib.util
 
     return (args.mode == "mlm" and getattr(args, "model", "performer") == "performer"
-            and source.features is None
+            and source.features is None and not (args.concat and not args.no_segments)
             and importlib.util.find_spec("performer_pytorch") is not None)  # fmt: skip
 
 
