@@ -249,8 +249,8 @@ def test_performer_pytorch_attention_masks_padding_as_performer_pytorch():
     """The conversion's performer-pytorch rows: its FastAttention estimates softmax
     attention whose normaliser keeps the padded keys (their values zeroed), as its
     SelfAttention computes; float64, m = 16384, |q| |k| / sqrt(d) about 1, where its
-    Monte Carlo error is about 0.04 at most over seeds (bound 0.1), while the answer
-    that leaves padding out differs by 0.35 or more on the padded row."""
+    largest error was 0.035-0.049 over five seeds (bound 0.1), while the answer that
+    leaves padding out differed by 0.35 or more on the padded row."""
     if not _has_peer():
         pytest.skip("the comparison needs performer-pytorch")
     import math
