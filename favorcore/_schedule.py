@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Call", "Group", "backward", "flatten", "forward"]
 
 Piece = tuple[int, int, int]  # positions start:end of a causal piece, and its chunk length
-#: a group's features kept by a bidirectional forward: ``("q" or "k", start, end)`` of a block
+#: what a bidirectional forward keeps of a group's block ``start:end``: ``("q", start, end)``
+#: its query features, ``("d", ...)`` their normalisers, ``("k", ...)`` its key features
 Kept = dict[tuple[str, int, int], Array]
 
 
@@ -320,7 +321,7 @@ def _bidirectional(call: Call, dest: Array | None) -> tuple[list[Pieces], Array,
             found: list[Array] | None = None if mine is None else []
             pieces.append(steps.answer(call.xp, form, x, totals[i], into, found))
             if mine is not None and found:
-                mine["q", s, e] = found[0]
+                mine["q", s, e], mine["d", s, e] = found
         return pieces
 
     q_items = [[(i, lo, hi) for lo, hi in call.items(g, g.q)] for i, g in enumerate(groups)]
@@ -461,8 +462,8 @@ def _bidirectional_grad(
         grads: list[Array] = []
         for s, e in call.blocks(call.x, lo, hi):
             x, o, gg = (call.query_rows(a, grp, s, e) for a in (call.x, out, g))
-            qf = kept[i].get(("q", s, e))
-            dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg, qf)
+            qf, den = kept[i].get(("q", s, e)), kept[i].get(("d", s, e))
+            dx, part = steps.answer_grad(xp, form, x, sums_of[i], o, gg, qf, den)
             _keep(grads, dest_x, call.query_rows, grp, s, e, dx)
             total = part if total is None else total + part
         return grads, total

@@ -289,12 +289,13 @@ class Steps:
     ) -> tuple[Array, Array]:  # fmt: skip
         """The queries ``x`` of a block answered from the key sums ``kv``:
         ``(result, small)`` as :func:`normalise` (``result`` is ``out`` when given). With
-        ``kept`` (a list), the block's query features are appended to it, an array the
-        caller may hold (for :meth:`answer_grad`)."""
+        ``kept`` (a list), the block's query features and normalisers ``(rows, 1)`` are
+        appended to it, arrays the caller may hold (for :meth:`answer_grad`)."""
         qf = form.queries(xp, x)
+        o = qf @ kv
         if kept is not None:
-            kept.append(qf)
-        return normalise(xp, qf @ kv, kv)
+            kept += [qf, o[..., -1:]]
+        return normalise(xp, o, kv)
 
     def causal(
         self, xp: ModuleType, form: Form, x: Array, kf: Array, v: Array, kv0: Array | None,
@@ -318,17 +319,18 @@ class Steps:
 
     def answer_grad(
         self, xp: ModuleType, form: Form, x: Array, kv: Array, out: Array, g: Array,
-        qf: Array | None = None,
+        qf: Array | None = None, den: Array | None = None,
     ) -> tuple[Array, Array]:  # fmt: skip
         """The backward of :meth:`answer`: ``(dx, dkv)`` from the output's cotangent ``g``
-        (``qf``: the block's features as :meth:`answer` kept them; None: recomputed).
+        (``qf``, ``den``: the block's features and normalisers as :meth:`answer` kept
+        them; None: recomputed).
 
         With ``g^ = [g ; -(g . out)] / D`` per row (0 where the normaliser was too small):
         ``dphi = g^ kv^T``, ``dkv = phi(Q_b)^T g^``, and ``dx`` through the features.
         """
         if qf is None:
-            qf = form.queries(xp, x)
-        gh = _cotangent(xp, qf @ kv[..., -1:], out, g, kv)
+            qf, den = form.queries(xp, x), None
+        gh = _cotangent(xp, qf @ kv[..., -1:] if den is None else den, out, g, kv)
         return form.query_grad(xp, x, (gh @ xp.matrix_transpose(kv)) * qf), xp.matrix_transpose(
             qf
         ) @ gh

@@ -99,6 +99,22 @@ def test_torch_autograd_equals_the_reference(name: str, kept: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget", [1, 0], ids=["features kept", "recomputed"])
+def test_torch_second_backward_of_a_retained_graph_gives_the_same_gradients(budget) -> None:
+    # the backward reads what the forward kept (features, normalisers) without changing it
+    torch = pytest.importorskip("torch")
+    from favorcore_backends.torch import kept_features
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=gen, requires_grad=True) for _ in range(3))
+    with kept_features(budget):
+        out = fc.favor_attention(q, k, v, features=FMAP)
+    first = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_torch_backward_recomputes_features_only_beyond_the_budget(monkeypatch) -> None:
     # a bidirectional call keeps its features within the budget: its backward computes
     # no key features; beyond the budget (and in this thread only) it recomputes them

@@ -400,9 +400,10 @@ class EagerSteps(Steps):
             qf, trusted = self._queries(form, x)
         else:
             qf, trusted = self._exact(form, x), None
-            kept.append(qf)
         native.matmul(qf, kv[:, :dv], out=out)
         den = native.matmul(qf, kv[:, dv])
+        if kept is not None:  # (the division below overwrites den)
+            kept += [qf, self.lib.xp.asarray(den[:, None], copy=True)]
         if trusted is not None and (weak := self._weak(qf, den, trusted, kv)).shape[0]:
             exact = self._exact(form, x[weak])  # those rows with their exact max
             out[weak], den[weak] = exact @ kv[:, :dv], exact @ kv[:, dv]
@@ -479,16 +480,19 @@ class EagerSteps(Steps):
         return den
 
     def answer_grad(
-        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, g: Any, qf: Any = None
-    ) -> tuple[Any, Any]:
+        self, xp: ModuleType, form: Form, x: Any, kv: Any, out: Any, g: Any, qf: Any = None,
+        den: Any = None,
+    ) -> tuple[Any, Any]:  # fmt: skip
         """The standard backward of :meth:`answer`, in this thread's buffers."""
         if not isinstance(form, Exponent):
-            return super().answer_grad(xp, form, x, kv, out, g, qf)
+            return super().answer_grad(xp, form, x, kv, out, g, qf, den)
         native = self.lib.native
         (rows, _), (m, e) = x.shape, kv.shape
         if qf is None:  # (a per-row factor of the features cancels)
-            qf = self._exact(form, x, self.buffer("q", rows, m, x))
-        den = self._gradient_rows(qf @ kv[:, e - 1 :], float(xp.max(xp.abs(kv))))
+            qf, den = self._exact(form, x, self.buffer("q", rows, m, x)), None
+        # (a copy of a kept den: a second backward reads it again)
+        den = qf @ kv[:, e - 1 :] if den is None else xp.asarray(den, copy=True)
+        den = self._gradient_rows(den, float(xp.max(xp.abs(kv))))
         gh = self.buffer("gh", rows, e, x)
         gh[:, : e - 1] = g
         gh[:, e - 1] = -xp.sum(g * out, axis=1)
