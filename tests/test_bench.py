@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from favorcore_backends import bench
@@ -126,3 +127,25 @@ def test_bench_gpu_without_a_gpu_says_so(tmp_path) -> None:
 def test_bench_scale_only_on_the_cpu() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--scale", "--device", "gpu"])
+
+
+def test_bench_rounds_alternate_the_order_and_pool_the_timings(tmp_path, monkeypatch) -> None:
+    calls: list[tuple[str, int]] = []
+    measure = bench.measure
+
+    def spied(method, length, causal, **kw):
+        calls.append((method, length))
+        return measure(method, length, causal, **kw)
+
+    monkeypatch.setattr(bench, "measure", spied)
+    methods = ["favorcore-numpy", "favorcore++-numpy"]
+    result = bench.bench(
+        [32], heads=1, d=8, m=16, repeats=2, threads=1, methods=methods, out_dir=tmp_path,
+        plots=False, gemm_size=0, rounds=3,
+    )  # fmt: skip
+    one_mode = methods + methods[::-1] + methods  # every other round reversed
+    assert [x for x, _ in calls] == one_mode + one_mode  # bidirectional, then causal
+    for r in result["rows"]:
+        assert r["rounds"] == 3
+        assert len(r["times"]) == 6  # 2 timed calls in each of the 3 processes
+        assert r["median_s"] == statistics.median(r["times"])

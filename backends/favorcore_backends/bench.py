@@ -2,9 +2,11 @@
 
 ``favorcore bench`` (``nox -s bench`` installs the peers) times every method on identical
 float32 inputs ``(1, heads, L, d)`` in a fresh subprocess per case, with the same thread
-count for everyone, and reports per case
+count for everyone, in ``rounds`` rounds (the methods of one length and mode in turn,
+the order reversed every other round, so that a slow spell of the machine falls on all
+of them alike), and reports per case
 
-* the median time of ``repeats`` calls after one warm-up call;
+* the median time of the ``repeats`` calls of every round (each after one warm-up call);
 * the peak memory of one call: the subprocess's peak resident set during the call minus
   its resident set just before it (tracemalloc sees neither PyTorch nor JAX);
 * the effective rate ``8 L m d heads / time`` (8 L m d per head) and that rate as a
@@ -354,7 +356,7 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
     gemm = on.gemm_rate(repeats=2, n=gemm_size) if gemm_size else None
     result: dict[str, Any] = {"peak_mib": max(peak, 0.0)}
     if forward is None:
-        result["median_s"] = statistics.median(_times(call, repeats))
+        result["times"] = _times(call, repeats)
     else:
         fwd = timed(forward)
         fwd()
@@ -362,14 +364,39 @@ def run_case(method: str, length: int, causal: bool, heads: int, d: int, m: int,
         for _ in range(repeats):  # alternately, so that drift affects both alike
             steps += _times(call, 1)
             fwds += _times(fwd, 1)
-        result.update(
-            median_s=statistics.median(steps), forward_s=statistics.median(fwds),
-            step_ratio=statistics.median(steps) / statistics.median(fwds),
-        )  # fmt: skip
+        result.update(times=steps, forward_times=fwds)
+    result.update(_medians(result))
     result["process_peak_mib"] = max(process_peak, _status_mib("VmHWM"))
     if gemm is not None:
         result["gemm_gflops"] = gemm
     return result
+
+
+def _medians(r: dict[str, Any]) -> dict[str, float]:
+    """``median_s`` (and, for steps, ``forward_s`` and ``step_ratio``) of the timings."""
+    out = {"median_s": statistics.median(r["times"])}
+    if "forward_times" in r:
+        out["forward_s"] = statistics.median(r["forward_times"])
+        out["step_ratio"] = out["median_s"] / out["forward_s"]
+    return out
+
+
+def _pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's rounds as one result: the medians of every round's timings, the
+    largest peaks, the median GEMM rate; the first error if any round failed."""
+    for r in rounds:
+        if "error" in r:
+            return r
+    out: dict[str, Any] = {"rounds": len(rounds)}
+    for key in ("times", "forward_times"):
+        if key in rounds[0]:
+            out[key] = [t for r in rounds for t in r[key]]
+    out.update(_medians(out))
+    out["peak_mib"] = max(r["peak_mib"] for r in rounds)
+    out["process_peak_mib"] = max(r["process_peak_mib"] for r in rounds)
+    if "gemm_gflops" in rounds[0]:
+        out["gemm_gflops"] = statistics.median(r["gemm_gflops"] for r in rounds)
+    return out
 
 
 def measure(method: str, length: int, causal: bool, **kw: Any) -> dict[str, Any]:
@@ -426,8 +453,13 @@ def _too_big(method: str, length: int, heads: int, train: bool) -> str | None:
 
 def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, threads: int,
           methods: Sequence[str], out_dir: Path, plots: bool, gemm_size: int = 4096,
-          device: str = "cpu", dtype: str = "float32", train: bool = False) -> dict[str, Any]:  # fmt: skip
+          device: str = "cpu", dtype: str = "float32", train: bool = False,
+          rounds: int = 1) -> dict[str, Any]:  # fmt: skip
     """Run every case, print the table and ratios, write JSON (and plots).
+
+    The methods of one length and mode run in turn ``rounds`` times (a fresh process
+    each time, every other round in reverse order); a case's median is over the timings
+    of all its rounds, its peak memory the largest of them.
 
     Each case's share of the GEMM rate is against the rate (in ``dtype``, on ``device``)
     measured in its own subprocess just before its timed calls (``gemm_size``^3; 0: not
@@ -447,14 +479,19 @@ def bench(lengths: Sequence[int], *, heads: int, d: int, m: int, repeats: int, t
     rows: list[dict[str, Any]] = []
     for length in lengths:
         for causal in (False, True):
+            runs: dict[str, list[dict[str, Any]]] = {x: [] for x in methods}
+            for i in range(rounds):
+                for method in methods if i % 2 == 0 else methods[::-1]:
+                    big = _too_big(method, length, heads, train)
+                    runs[method].append({"error": big} if big else measure(
+                        method, length, causal, heads=heads, d=d, m=m, repeats=repeats,
+                        threads=threads, gemm_size=gemm_size, device=device, dtype=dtype,
+                        train=train,
+                    ))  # fmt: skip
             for method in methods:
                 row: dict[str, Any] = {"L": length, "mode": "causal" if causal else "bidirectional",
                                        "method": method}  # fmt: skip
-                big = _too_big(method, length, heads, train)
-                r: dict[str, Any] = {"error": big} if big else measure(
-                    method, length, causal, heads=heads, d=d, m=m, repeats=repeats,
-                    threads=threads, gemm_size=gemm_size, device=device, dtype=dtype, train=train,
-                )  # fmt: skip
+                r = _pooled(runs[method])
                 row.update(r)
                 if "median_s" in r:
                     rate = 8 * length * m * d * heads / r["median_s"] / 1e9
@@ -640,7 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
     p.add_argument("--d", type=int, default=64, help="head dimension (default 64)")
     p.add_argument("--m", type=int, default=256, help="random features (default 256)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (default 5)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls per case and round (default 3)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds over the methods of each length and mode, every other one "
+                   "in reverse order; medians over all (default 2)")  # fmt: skip
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for every method (default: the CPUs available)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
@@ -666,10 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.gemm_size is None:
         a.gemm_size = 0 if a.train else (8192 if a.device == "gpu" else 4096)
     if (
-        any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads))
+        any(x <= 0 for x in (*a.lengths, a.heads, a.d, a.m, a.repeats, a.threads, a.rounds))
         or a.gemm_size < 0
     ):
-        p.error("lengths, heads, d, m, repeats and threads must be positive (gemm-size >= 0)")
+        p.error(
+            "lengths, heads, d, m, repeats, rounds and threads must be positive (gemm-size >= 0)"
+        )
     if (a.scale or a.longest) and (a.device, a.dtype) != ("cpu", "float32"):
         p.error("--scale and --longest run on the CPU in float32")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -689,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     result = bench(a.lengths, heads=a.heads, d=a.d, m=a.m, repeats=a.repeats, threads=a.threads,
                    methods=a.methods, out_dir=a.out, plots=not a.no_plots, gemm_size=a.gemm_size,
-                   device=a.device, dtype=a.dtype, train=a.train)  # fmt: skip
+                   device=a.device, dtype=a.dtype, train=a.train, rounds=a.rounds)  # fmt: skip
     if not any("median_s" in r for r in result["rows"]):
         print("nothing ran: see the reasons above", file=sys.stderr)
         return 1
