@@ -303,3 +303,34 @@ def test_performer_pytorch_copy_replaces_every_attention_and_keeps_the_source():
         assert torch.equal(source(tokens), before)
     assert not torch.equal(got, before)
     assert (got - before).abs().max() < 1e-2
+
+
+def test_report_update_replaces_only_the_rerun_runs(fasta, tmp_path, capsys):
+    """``protein_report.py --update``: a rerun replaces its namesakes, the rest is kept."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "docs" / "scripts" / "protein_report.py"
+    spec = importlib.util.spec_from_file_location("protein_report", script)
+    assert spec is not None
+    assert spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for name in ("L1024-mlm-favor", "L1024-mlm-exact"):
+        _run(fasta, first / name, "--steps", "2", "--eval-every", "1",
+             "--attention", name.rsplit("-", 1)[1])  # fmt: skip
+    _run(fasta, second / "L1024-mlm-exact", "--steps", "3", "--eval-every", "1",
+         "--attention", "exact", "--seed", "1")  # fmt: skip
+    old, new = report.collect(first), report.collect(second)
+    merged = report.update(old, new)
+    assert set(merged["runs"]) == {"L1024-mlm-favor", "L1024-mlm-exact"}
+    assert merged["runs"]["L1024-mlm-favor"] == old["runs"]["L1024-mlm-favor"]
+    assert merged["runs"]["L1024-mlm-exact"]["steps"] == 3
+    # The equal-step comparison is recomputed from the merged curves: the last common step.
+    assert [e["step"] for e in merged["equal_steps"]] == [2]
+    rerun = report._score(new["curves"]["L1024-mlm-exact"][1])
+    assert rerun != old["equal_steps"][0]["exact"]
+    assert merged["equal_steps"][0]["exact"] == rerun
+    assert merged["equal_steps"][0]["favor"] == old["equal_steps"][0]["favor"]
+    capsys.readouterr()

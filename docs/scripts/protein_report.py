@@ -2,7 +2,9 @@
 
 Usage: ``python docs/scripts/protein_report.py RUNS [--out docs/_static/protein]``, where
 RUNS holds the output directories of the commands listed on the protein page (a run that
-is missing is left out). The docs build renders the summary's tables.
+is missing is left out). With ``--update`` the runs and conversions found in RUNS replace
+their namesakes in the existing summary and the rest is kept, so that part of the page's
+experiment can be rerun on its own. The docs build renders the summary's tables.
 """
 
 from __future__ import annotations
@@ -47,6 +49,36 @@ def _at_step(history: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
     return next((h for h in history if h["step"] == step), None)
 
 
+def _equal_steps(curves: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each pair's scores at the last evaluation step that both of its runs reached."""
+    out = []
+    for prefix, title in PAIRS:
+        fav, ex = curves.get(f"{prefix}-favor"), curves.get(f"{prefix}-exact")
+        if not (fav and ex):
+            continue
+        common = max({h["step"] for h in fav} & {h["step"] for h in ex}, default=None)
+        if common is not None:
+            f, e = _at_step(fav, common), _at_step(ex, common)
+            assert f is not None
+            assert e is not None
+            out.append({"pair": prefix, "title": title, "step": common,
+                        "favor": _score(f), "exact": _score(e)})  # fmt: skip
+    return out
+
+
+def update(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with ``new``'s runs, curves and conversions in place of their namesakes."""
+    runs = {**previous["runs"], **new["runs"]}
+    curves = {**previous["curves"], **new["curves"]}
+    fresh = {c["name"]: c for c in new["conversions"]}
+    names = [c["name"] for c in previous["conversions"]]
+    names += [n for n in fresh if n not in names]
+    old = {c["name"]: c for c in previous["conversions"]}
+    conversions = [fresh.get(n, old.get(n)) for n in names]
+    return {"runs": runs, "equal_steps": _equal_steps(curves), "conversions": conversions,
+            "curves": curves}  # fmt: skip
+
+
 def collect(runs: Path) -> dict[str, Any]:
     """The summary: runs, equal-step comparisons, conversions."""
     out: dict[str, Any] = {"runs": {}, "equal_steps": [], "conversions": []}
@@ -58,17 +90,7 @@ def collect(runs: Path) -> dict[str, Any]:
         if m is not None:
             out["runs"][name] = _run(m)
             curves[name] = m["history"]["eval"]
-    for prefix, title in PAIRS:
-        fav, ex = curves.get(f"{prefix}-favor"), curves.get(f"{prefix}-exact")
-        if not (fav and ex):
-            continue
-        common = max({h["step"] for h in fav} & {h["step"] for h in ex}, default=None)
-        if common is not None:
-            f, e = _at_step(fav, common), _at_step(ex, common)
-            assert f is not None
-            assert e is not None
-            out["equal_steps"].append({"pair": prefix, "title": title, "step": common,
-                                       "favor": _score(f), "exact": _score(e)})  # fmt: skip
+    out["equal_steps"] = _equal_steps(curves)
     for name, title in CONVERSIONS:
         c = _load(runs / name / "conversion.json")
         if c is not None:
@@ -151,6 +173,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path)
     p.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "_static" / "protein")
+    p.add_argument("--update", action="store_true",
+                   help="keep the existing summary's runs that RUNS does not hold")  # fmt: skip
     args = p.parse_args()
     summary = collect(args.runs)
     for c in summary["conversions"]:
@@ -161,6 +185,8 @@ def main() -> None:
                 if r["attention"] == "favor" and r["m"] == c["fine_tune"]["m"]
             ]
             c["converted_at_fine_tune_m"] = at[0]["accuracy"] if at else None
+    if args.update:
+        summary = update(json.loads((args.out / "protein.json").read_text()), summary)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "protein.json").write_text(json.dumps(summary, indent=1))
     plot(summary, args.out)
