@@ -334,3 +334,28 @@ def test_report_update_replaces_only_the_rerun_runs(fasta, tmp_path, capsys):
     assert merged["equal_steps"][0]["exact"] == rerun
     assert merged["equal_steps"][0]["favor"] == old["equal_steps"][0]["favor"]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [("--concat", "--length", "96"), ("--concat", "--length", "96", "--no-segments"),
+     ("--window", "--length", "16")],
+)  # fmt: skip
+def test_evaluation_bootstraps_over_proteins(fasta, tmp_path, monkeypatch, layout):
+    """A packed sequence holds several proteins and windows cut one: the bootstrap resamples
+    proteins, not sequences (two packed sequences would make a meaningless interval)."""
+    from favorcore_backends.protein import cli
+
+    argv = ["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--mode", "causal", *layout]
+    args = cli._parser().parse_args(argv)
+    s = cli._setup(args)
+    seen: list[np.ndarray] = []
+    real = cli._bootstrap
+    monkeypatch.setattr(cli, "_bootstrap", lambda rows, seed: seen.append(rows) or real(rows, seed))
+    metrics, unigram = cli.evaluate(cli._model(args, len(s.tok)), s, args, "cpu")
+    proteins = {int(d) for e in s.test for d in np.asarray(e.documents)}
+    assert len(s.test) != len(proteins)
+    for rows, summary in zip(seen, (metrics, unigram), strict=True):
+        assert rows.shape == (len(proteins), 3)
+        assert rows[:, 2].sum() == summary["positions"]
+        assert rows[:, 0].sum() / rows[:, 2].sum() == pytest.approx(summary["accuracy"])

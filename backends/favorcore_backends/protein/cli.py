@@ -270,7 +270,10 @@ def evaluate(
     gen = _generator(args.seed, 1)
     log_uni = torch.as_tensor(np.log(np.where(s.unigram > 0, s.unigram, 1.0)))
     best_uni = int(np.argmax(s.unigram))
-    rows, uni_rows = [], []
+    # Scores are summed per held-out protein (the bootstrap's unit): a packed sequence holds
+    # several proteins and a protein may span two sequences.
+    rows: dict[int, list[float]] = {}
+    uni_rows: dict[int, list[float]] = {}
     kl, agree = 0.0, 0.0
     was_training = model.training
     model.eval()
@@ -294,16 +297,28 @@ def evaluate(
             correct = (logits.argmax(-1) == targets) & scored
             uni_nll = -log_uni[targets.clamp(min=0)]
             for r in range(len(targets)):
-                sel = scored[r]
-                rows.append([float(correct[r].sum()), float(nll[r][sel].sum()), float(sel.sum())])
-                uni_rows.append([float((targets[r][sel] == best_uni).sum()),
-                                 float(uni_nll[r][sel].sum()), float(sel.sum())])  # fmt: skip
+                example = s.test[i + r]
+                docs = torch.full((targets.shape[1],), -1, dtype=torch.long)
+                if example.documents is None:  # one protein, or a window of one
+                    docs[: len(example.tokens)] = i + r
+                else:
+                    docs[: len(example.tokens)] = torch.as_tensor(example.documents)
+                for d in torch.unique(docs[scored[r]]).tolist():
+                    sel = scored[r] & (docs == d)
+                    for table, score in ((rows, [float((correct[r] & sel).sum()),
+                                                 float(nll[r][sel].sum())]),
+                                         (uni_rows, [float((targets[r][sel] == best_uni).sum()),
+                                                     float(uni_nll[r][sel].sum())])):  # fmt: skip
+                        total = table.setdefault(d, [0.0, 0.0, 0.0])
+                        total[0] += score[0]
+                        total[1] += score[1]
+                        total[2] += float(sel.sum())
     model.train(was_training)
-    metrics = _summary(np.array(rows), args.seed)
+    metrics = _summary(np.array(list(rows.values())).reshape(-1, 3), args.seed)
     if against is not None:
         n = max(metrics["positions"], 1)
         metrics["kl_to_reference"], metrics["agreement"] = kl / n, agree / n
-    return metrics, _summary(np.array(uni_rows), args.seed)
+    return metrics, _summary(np.array(list(uni_rows.values())).reshape(-1, 3), args.seed)
 
 
 def _calibration_batch(s: Setup, args: argparse.Namespace) -> Any:

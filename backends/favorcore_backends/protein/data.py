@@ -142,10 +142,13 @@ def split_proteins(
 
 @dataclass
 class Example:
-    """One sequence of tokens and, in packed mode with boundaries, its document ids."""
+    """One sequence of tokens; in packed mode with boundaries, its ``segments`` (document
+    ids from 0, for attention); packed or windowed, the ``documents`` its tokens come from
+    (the proteins' indices in the list, for scoring by protein)."""
 
     tokens: np.ndarray
     segments: np.ndarray | None = None
+    documents: np.ndarray | None = None
 
 
 def single_examples(
@@ -155,12 +158,15 @@ def single_examples(
     ``window``, every consecutive window of ``length`` tokens of each protein instead (all
     residues are used)."""
     out: list[Example] = []
-    for s in seqs:
+    for j, s in enumerate(seqs):
         ids = tok.encode(s)
         if not window:
             out.append(Example(ids[:length]))
         else:
-            out.extend(Example(ids[i : i + length]) for i in range(0, len(ids), length))
+            out.extend(
+                Example(ids[i : i + length], None, np.full(len(ids[i : i + length]), j))
+                for i in range(0, len(ids), length)
+            )
     return out
 
 
@@ -176,7 +182,7 @@ def concatenated_examples(
     out = []
     for i in range(0, len(tokens), length):
         seg = ids[i : i + length]
-        out.append(Example(tokens[i : i + length], (seg - seg[0]) if segments else None))
+        out.append(Example(tokens[i : i + length], (seg - seg[0]) if segments else None, seg))
     return out
 
 
