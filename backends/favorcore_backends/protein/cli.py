@@ -299,7 +299,7 @@ def evaluate(
             for r in range(len(targets)):
                 example = s.test[i + r]
                 docs = torch.full((targets.shape[1],), -1, dtype=torch.long)
-                if example.documents is None:  # one protein, or a window of one
+                if example.documents is None:  # one protein, clipped
                     docs[: len(example.tokens)] = i + r
                 else:
                     docs[: len(example.tokens)] = torch.as_tensor(example.documents)
