@@ -16,7 +16,7 @@ ACDEFGHIKL
 MNPQRSTVWY
 ; a comment
 >p3 ambiguous
-BZXUOJ-*
+BZX-UO.J*A*
 """
 
 
@@ -36,10 +36,21 @@ def test_read_fasta(fasta, tmp_path):
     with gzip.open(gz, "wt") as fh:
         fh.write(FASTA)
     assert data.read_fasta(gz) == records
+    unnamed = tmp_path / "gzipped.fa"  # recognised by its bytes, not its name
+    unnamed.write_bytes(gz.read_bytes())
+    assert data.read_fasta(unnamed) == records
+    assert records[2][1] == "BZXUOJ*A"  # gaps - and . removed, the final stop dropped
     bad = tmp_path / "bad.faa"
     bad.write_text("MKT\n>p\nA\n")
     with pytest.raises(ValueError, match="before the first"):
         data.read_fasta(bad)
+    bad.write_text(">p1\nMKT\n>p2 x\nAC1D\n")
+    with pytest.raises(ValueError, match="record 'p2' holds '1'"):
+        data.read_fasta(bad)
+    cut = tmp_path / "cut.faa.gz"
+    cut.write_bytes(gz.read_bytes()[:-12])
+    with pytest.raises(ValueError, match="not a readable FASTA"):
+        data.read_fasta(cut)
 
 
 def test_tokenizer(fasta):
@@ -50,7 +61,7 @@ def test_tokenizer(fasta):
     assert ids[-1] == tok.eos
     assert tok.decode(ids) == "ACY"
     amb = tok.encode(data.read_fasta(fasta)[2][1], bos=False, eos=False)
-    assert tok.decode(amb) == "BZXUOJX"  # '-' inside a sequence is unknown: X
+    assert tok.decode(amb) == "BZXUOJXA"  # gaps removed, a '*' inside a sequence is X
     assert tok.is_residue(amb).all()
 
 

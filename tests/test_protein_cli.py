@@ -77,14 +77,17 @@ def test_metrics_json(fasta, tmp_path, capsys):
         assert r["perplexity"] == pytest.approx(np.exp(r["cross_entropy"]))
     assert m["held_out"]["positions"] == m["unigram"]["positions"]
     assert m["unigram"]["perplexity"] < 21  # residue frequencies beat uniform (20 letters)
-    assert m["data"]["proteins"] == {"train": 27, "held_out": 3}
+    assert m["data"]["proteins"] == {"train": 27, "held_out": 3, "evaluated": 3}
+    kept = m["data"]["residues_in_examples"]
+    assert kept["evaluated"] == m["held_out"]["positions"]  # each kept residue is a target
+    assert kept["train"] <= m["data"]["residues"]["train"]
     assert "paralogs" in m["data"]["split"]
     assert (tmp_path / "learning_curve.png").exists() == (m["plot"] is not None)
     assert json.loads(capsys.readouterr().out)["steps"] == 2
 
 
 def test_budget_stops_and_checkpoints(fasta, tmp_path, capsys):
-    m = _run(fasta, tmp_path, "--steps", "50", "--budget-seconds", "0")
+    m = _run(fasta, tmp_path, "--steps", "50", "--budget-seconds", "1e-9")
     assert (m["steps"], m["stopped"]) == (0, "budget")
     assert _state(tmp_path)["step"] == 0
     capsys.readouterr()
@@ -136,11 +139,156 @@ def test_agreement_of_a_model_with_itself(fasta, tmp_path):
     assert differs["kl_to_reference"] > 0
 
 
-def test_cli_errors(fasta, tmp_path):
-    with pytest.raises(SystemExit, match="--concat"):
-        main(["--fasta", str(fasta), "--out", str(tmp_path), "--no-segments"])
-    with pytest.raises(SystemExit, match="masked LM"):
-        main(["--fasta", str(fasta), "--out", str(tmp_path), "--model", "bert", "--mode", "causal"])
+def _message(argv, capsys):
+    """The message a bad invocation ends with (argparse prints its own, then exits 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+
+
+def _bad_files(tmp_path):
+    files = {
+        "empty": "",
+        "not FASTA": "MKTAYIAK\n",
+        "digits": ">p1\nMKT\n>p2\nAC9D\n",
+        "one protein": ">p1\nMKTAYIAK\n",
+        "nucleotides": ">n1\n" + "ACGT" * 40 + "\n",
+    }
+    tmp_path.mkdir()
+    for name, text in files.items():
+        (tmp_path / f"{name}.fa").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("extra", "option", "expected"),
+    [
+        (["--fasta", "{tmp}/missing.fa"], "--fasta", "No such file"),
+        (["--fasta", "{tmp}"], "--fasta", "directory"),
+        (["--fasta", "{tmp}/empty.fa"], "--fasta", "no sequence records"),
+        (["--fasta", "{tmp}/not FASTA.fa"], "--fasta", "before the first"),
+        (["--fasta", "{tmp}/digits.fa"], "--fasta", "record 'p2' holds '9'"),
+        (["--fasta", "{tmp}/one protein.fa"], "--fasta", "at least two"),
+        (["--fasta", "{tmp}/nucleotides.fa"], "--fasta", "nucleotide"),
+        (["--no-segments"], "--no-segments", "needs --concat"),
+        (["--window", "--concat"], "--window", "single proteins"),
+        (["--model", "bert", "--mode", "causal"], "--model", "masked LM"),
+        (["--d-model", "16", "--heads", "3"], "--d-model", "even head dimension"),
+        (["--length", "4"], "--length", "at least 8"),
+        (["--held-out", "1"], "--held-out", "strictly between 0 and 1"),
+        (["--held-out", "0"], "--held-out", "strictly between 0 and 1"),
+        (["--eval-proteins", "-1"], "--eval-proteins", "non-negative"),
+        (["--eval-every", "-1"], "--eval-every", "non-negative"),
+        (["--calibrate-every", "-1"], "--calibrate-every", "non-negative"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every", "non-negative"),
+        (["--warmup", "-5"], "--warmup", "non-negative"),
+        (["--seed", "-1"], "--seed", "non-negative"),
+        (["--lr", "-1"], "--lr", "positive"),
+        (["--lr", "nan"], "--lr", "positive"),
+        (["--weight-decay", "-1"], "--weight-decay", "non-negative"),
+        (["--dropout", "2"], "--dropout", "probability"),
+        (["--budget-seconds", "0"], "--budget-seconds", "positive"),
+        (["--device", "tpu9"], "--device", "not a torch device"),
+    ],
+)
+def test_cli_errors_name_the_argument(fasta, tmp_path, capsys, extra, option, expected):
+    files = _bad_files(tmp_path / "files")
+    out = tmp_path / "out"
+    given = [] if "--fasta" in extra else ["--fasta", str(fasta)]
+    argv = [*given, "--out", str(out), *TINY, "--steps", "1"]
+    message = _message([*argv, *(a.replace("{tmp}", str(files)) for a in extra)], capsys)
+    assert f"argument {option}" in message
+    assert expected in message
+    assert not out.exists()  # nothing is written for a run that cannot start
+
+
+def test_cuda_device_without_cuda(fasta, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this PyTorch sees a CUDA device: the refusal cannot be shown")
+    message = _message(["--fasta", str(fasta), "--out", str(tmp_path / "o"), "--device", "cuda"],
+                       capsys)  # fmt: skip
+    assert "argument --device" in message
+    assert "no CUDA device" in message
+
+
+def test_a_run_is_neither_overwritten_nor_resumed_with_other_settings(fasta, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(fasta, out, "--steps", "2")
+    before = _state(out)["model"]
+    message = _message(["--fasta", str(fasta), "--out", str(out), *TINY, "--steps", "2"], capsys)
+    assert "argument --out" in message
+    assert "--resume" in message
+    for changed in (["--attention", "favor+"], ["--m", "32"], ["--mode", "causal"],
+                    ["--concat"], ["--seed", "3"], ["--lr", "0.1"]):  # fmt: skip
+        argv = ["--fasta", str(fasta), "--out", str(out), *TINY, *changed, "--resume"]
+        message = _message([*argv, "--steps", "4"], capsys)
+        assert "argument --resume" in message
+        assert changed[0] in message
+    for name, tensor in before.items():  # untouched
+        assert torch.equal(tensor, _state(out)["model"][name])
+    # what a resumed run may change: how long it runs and how often it reports
+    m = _run(fasta, out, "--steps", "3", "--resume", "--eval-every", "1", "--threads", "1")
+    assert m["steps"] == 3
+    capsys.readouterr()
+    _run(fasta, tmp_path / "new", "--steps", "1", "--resume")  # no checkpoint: a new run
+    assert "starting a new run" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_missing_source_and_a_used_out(fasta, tmp_path, capsys):
+    _run(fasta, tmp_path / "exact", "--steps", "1", "--attention", "exact")
+    for source, out, option in ((tmp_path / "nothing", tmp_path / "c1", "--from"),
+                                (tmp_path / "exact", tmp_path / "exact", "--out")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["convert", "--from", str(source), "--out", str(out), "--m", "16"])
+        assert f"argument {option}" in str(e.value.code)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"argument --from: .* cannot be read"):
+        main(["convert", "--from", str(tmp_path / "junk"), "--out", str(tmp_path / "c2")])
+    capsys.readouterr()
+
+
+def test_batches_without_a_scored_position_make_no_update(fasta, tmp_path, capsys):
+    # L = 8, one protein a batch: BERT's 15 % often selects none of the 6 residues
+    m = _run(fasta, tmp_path, "--steps", "12", "--length", "8", "--batch-size", "1")
+    text = (tmp_path / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    losses = [h["loss"] for h in m["history"]["train"]]
+    assert None in losses
+    assert all(loss is None or np.isfinite(loss) for loss in losses)
+    capsys.readouterr()
+
+
+def test_a_diverging_run_stops_with_a_message(fasta, tmp_path, monkeypatch, capsys):
+    from favorcore_backends.protein import cli
+
+    monkeypatch.setattr(cli, "train_step", lambda *a: torch.tensor(float("nan")))
+    message = _message(["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--steps", "3"],
+                       capsys)  # fmt: skip
+    assert "argument --lr" in message
+    assert "diverged at step 1" in message
+
+
+def test_evaluation_without_a_scored_position_says_so(fasta, tmp_path):
+    from favorcore_backends.protein import cli
+    from favorcore_backends.protein.data import Example
+
+    args = cli._parser().parse_args(["--fasta", str(fasta), "--out", str(tmp_path), *TINY])
+    s = cli._setup(args)
+    s.test = [Example(np.array([s.tok.cls, s.tok.eos]))]  # no residue to score
+    with pytest.raises(SystemExit, match="argument --length: no held-out position"):
+        cli.evaluate(cli._model(args, len(s.tok)), s, args, "cpu")
+
+
+def test_interrupt_ends_with_a_hint(fasta, tmp_path, monkeypatch, capsys):
+    from favorcore_backends.protein import cli
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train_step", interrupted)
+    assert main(["--fasta", str(fasta), "--out", str(tmp_path), *TINY]) == 130
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_bert_trains_and_converts(fasta, tmp_path, capsys):

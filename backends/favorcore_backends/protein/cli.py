@@ -36,11 +36,34 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _number(kind: type, test: Any, expected: str) -> Any:
+    """An argparse type: ``kind(text)`` where ``test`` holds, else an error naming
+    ``expected`` (argparse prefixes the option's name)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _number(int, lambda v: v > 0, "a positive integer")
+_count = _number(int, lambda v: v >= 0, "a non-negative integer (0: off)")
+_rate = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_seconds = _number(float, lambda v: v > 0, "a positive number of seconds")
+_fraction = _number(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+_probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+_decay = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+
+
+def _error(option: str, message: str) -> SystemExit:
+    """The exception that ends the command with ``message`` about ``option``."""
+    return SystemExit(f"favorcore protein: error: argument {option}: {message}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,31 +92,81 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive, default=2)
     p.add_argument("--d-ff", type=_positive, default=None)
     p.add_argument("--positions", choices=["rotary", "learned"], default="rotary")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=_probability, default=0.0)
     p.add_argument("--length", type=_positive, default=512, help="tokens per sequence")
     p.add_argument("--concat", action="store_true", help="pack proteins into long sequences")
     p.add_argument("--no-segments", action="store_true",
                    help="with --concat: attend across protein boundaries")  # fmt: skip
     p.add_argument("--window", action="store_true",
-                   help="single proteins: all windows of --length (default: clip)")  # fmt: skip
+                   help="single proteins: cut each into consecutive windows of --length "
+                        "(the last one shorter; default: clip to --length)")  # fmt: skip
     p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--held-out", type=float, default=0.1, help="fraction of proteins held out")
-    p.add_argument("--eval-proteins", type=int, default=200,
+    p.add_argument("--lr", type=_rate, default=1e-3)
+    p.add_argument("--warmup", type=_count, default=50, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=_decay, default=0.01)
+    p.add_argument("--held-out", type=_fraction, default=0.1,
+                   help="fraction of proteins held out")  # fmt: skip
+    p.add_argument("--eval-proteins", type=_count, default=200,
                    help="held-out proteins evaluated (0: all)")  # fmt: skip
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
-    p.add_argument("--calibrate-every", type=int, default=0,
+    p.add_argument("--eval-every", type=_count, default=0,
+                   help="steps between evaluations (0: at the end only)")  # fmt: skip
+    p.add_argument("--calibrate-every", type=_count, default=0,
                    help="causal FAVOR: recalibrate the statistics every this many steps "
                         "(0: train with the map's causal form; evaluation is calibrated)")  # fmt: skip
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--budget-seconds", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=_count, default=0,
+                   help="steps between checkpoints (0: at the end only)")  # fmt: skip
+    p.add_argument("--budget-seconds", type=_seconds, default=None, help="wall-clock budget")
+    p.add_argument("--resume", action="store_true",
+                   help="continue DIR/checkpoint.pt, with the same settings (without a "
+                        "checkpoint: start)")  # fmt: skip
+    p.add_argument("--seed", type=_count, default=0)
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     return p
+
+
+#: the options a resumed run may change: how long it runs, where, and how often it reports
+RESUMABLE = frozenset({"steps", "budget_seconds", "resume", "threads", "device", "eval_every",
+                       "checkpoint_every", "out"})  # fmt: skip
+
+
+def _check(args: argparse.Namespace) -> argparse.Namespace:
+    """Options that are wrong together (each alone parsed); FASTA paths made absolute, so
+    that a conversion run from another directory finds them."""
+    if args.no_segments and not args.concat:
+        raise _error("--no-segments", "needs --concat (it packs proteins without boundaries)")
+    if args.window and args.concat:
+        raise _error("--window", "is for single proteins: drop it, or drop --concat")
+    if args.model == "bert" and (args.mode != "mlm" or args.concat):
+        raise _error("--model", "bert is a masked LM of single proteins: use --mode mlm "
+                     "without --concat")  # fmt: skip
+    head_dim, rest = divmod(args.d_model, args.heads)
+    if rest or head_dim % 2:
+        raise _error("--d-model", f"{args.d_model} must be --heads ({args.heads}) times an "
+                     "even head dimension")  # fmt: skip
+    if args.length < 8:
+        raise _error("--length", f"expected at least 8 tokens (<cls>, residues, <eos>), got "
+                     f"{args.length}")  # fmt: skip
+    _device(args.device)
+    args.fasta = None if not args.fasta else [Path(f).expanduser().resolve() for f in args.fasta]
+    return args
+
+
+def _device(name: str | None) -> Any:
+    """The torch device ``name`` (default: CUDA when present), or an error naming --device."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _error("--device", f"{name!r} is not a torch device (cpu, cuda, cuda:1, mps, "
+                     "...)") from None  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _error("--device", f"{name!r}: this PyTorch sees no CUDA device (a CPU build, or "
+                     "no GPU); use --device cpu")  # fmt: skip
+    return device
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -112,11 +185,17 @@ def _setup(args: argparse.Namespace) -> Setup:
     from . import data
 
     paths = args.fasta or [data.default_fasta()]
-    records = [r for p in paths for r in data.read_fasta(p)]
-    records = [r for r in records if r[1]]
+    records = [r for p in paths for r in _read(p)]
+    if len(records) < 2:
+        raise _error("--fasta", f"{len(records)} protein(s) in {', '.join(map(str, paths))}: "
+                     "the held-out split needs at least two")  # fmt: skip
     train_rec, test_rec = data.split_proteins(records, held_out=args.held_out, seed=args.seed)
+    held_out = len(test_rec)
     if args.eval_proteins:
         test_rec = test_rec[: args.eval_proteins]
+    if len(test_rec) < 20:
+        print(f"favorcore protein: note: {len(test_rec)} held-out protein(s) evaluated; "
+              "intervals resampled from so few are rough", file=sys.stderr)  # fmt: skip
     tok = data.Tokenizer()
     seqs = [s for _, s in train_rec]
     held = [s for _, s in test_rec]
@@ -133,15 +212,40 @@ def _setup(args: argparse.Namespace) -> Setup:
     counts[: tok.first_residue] = 0
     unigram = (counts + 1.0) / (counts + 1.0)[tok.first_residue :].sum()
     unigram[: tok.first_residue] = 0.0
+
+    def residues(examples: list[Any]) -> int:
+        return int(sum(int(tok.is_residue(e.tokens).sum()) for e in examples))
+
     info = {
         "files": [str(p) for p in paths],
-        "proteins": {"train": len(train_rec), "held_out": len(test_rec)},
-        "residues": {"train": int(sum(map(len, seqs))), "held_out": int(sum(map(len, held)))},
-        "examples": {"train": len(train), "held_out": len(test)},
+        "proteins": {"train": len(train_rec), "held_out": held_out, "evaluated": len(test_rec)},
+        "residues": {"train": int(sum(map(len, seqs))), "evaluated": int(sum(map(len, held)))},
+        # what the examples keep of them (clipping to --length drops the rest)
+        "residues_in_examples": {"train": residues(train), "evaluated": residues(test)},
+        "examples": {"train": len(train), "evaluated": len(test)},
         "split": f"random by protein (seed {args.seed}); paralogs of one proteome fall on "
         "both sides, so held-out figures are optimistic",
     }
     return Setup(tok, train, test, info, unigram)
+
+
+def _read(path: Path) -> list[tuple[str, str]]:
+    """The non-empty records of one ``--fasta`` file, or an error naming the option."""
+    from . import data
+
+    try:
+        records = [r for r in data.read_fasta(path) if r[1]]
+    except (OSError, ValueError) as e:
+        raise _error("--fasta", str(e)) from None
+    if not records:
+        raise _error("--fasta", f"{path}: no sequence records (is it empty?)")
+    letters = "".join(s for _, s in records)
+    nucleotides = sum(letters.count(c) for c in "ACGTUN") / len(letters)
+    if len(letters) >= 100 and nucleotides > 0.9:
+        raise _error("--fasta", f"{path}: {nucleotides:.0%} of its letters are A C G T U N: "
+                     "nucleotide sequences? favorcore protein reads protein FASTA "
+                     "(translate them first)")  # fmt: skip
+    return records
 
 
 def _model(args: argparse.Namespace, vocab: int) -> Any:
@@ -314,6 +418,10 @@ def evaluate(
                         total[1] += score[1]
                         total[2] += float(sel.sum())
     model.train(was_training)
+    if not rows:
+        raise _error("--length", f"no held-out position was scored ({len(s.test)} held-out "
+                     f"sequences of at most {args.length} tokens): raise --length or "
+                     "--eval-proteins")  # fmt: skip
     metrics = _summary(np.array(list(rows.values())).reshape(-1, 3), args.seed)
     if against is not None:
         n = max(metrics["positions"], 1)
@@ -371,7 +479,7 @@ def _plot(out: Path, history: dict[str, Any], title: str) -> str | None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     steps = [h["step"] for h in history["train"]]
-    a.plot(steps, [h["loss"] for h in history["train"]])
+    a.plot(steps, [math.nan if h["loss"] is None else h["loss"] for h in history["train"]])
     a.set(xlabel="step", ylabel="training loss", title=title)
     if history["eval"]:
         b.plot([h["step"] for h in history["eval"]], [h["accuracy"] for h in history["eval"]], "o-")
@@ -387,13 +495,16 @@ def train_step(
     model: Any, opt: Any, batch: Any, s: Setup, args: argparse.Namespace, step: int, device: Any
 ) -> Any:
     """One optimiser step of training (``step`` counts from 0: the masks and the learning
-    rate's warm-up depend on it); returns the loss (a tensor)."""
+    rate's warm-up depend on it); returns the loss (a tensor), or None for a batch without
+    a scored position (BERT's masking selected no residue), which makes no update."""
     import torch
     import torch.nn.functional as F
 
     inputs, targets = _inputs_targets(
         batch, args.mode, s.tok, _generator(args.seed, 0, step), residues_only=False
     )
+    if not bool((targets != -100).any()):
+        return None
     for group in opt.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
     logits = _forward(model, inputs, batch, args.mode, device)
@@ -419,20 +530,18 @@ def train(
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    device = _device(args.device)
+    ckpt = args.out / "checkpoint.pt"
+    saved = _resumed(ckpt, args, device)
     torch.manual_seed(args.seed)
     s = _setup(args) if s is None else s
+    args.out.mkdir(parents=True, exist_ok=True)
     model = (_model(args, len(s.tok)) if model is None else model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batches = Batches(s.train, args.batch_size, s.tok, args.seed)
-    ckpt = args.out / "checkpoint.pt"
     step, elapsed = 0, 0.0
     history: dict[str, Any] = {"train": [], "eval": []}
-    if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True, map_location=device)
-        if saved["config"] != model.config.to_dict():
-            raise SystemExit(f"{ckpt}: saved with another model configuration ({saved['config']})")
+    if saved is not None:
         model.load_state_dict(saved["model"])
         model.load_favor_state(saved["favor"])
         opt.load_state_dict(saved["optimizer"])
@@ -469,11 +578,16 @@ def train(
                             segment_ids=None if batch.segment_ids is None
                             else batch.segment_ids.to(device))  # fmt: skip
         loss = train_step(model, opt, batch, s, args, step, device)
+        value = None if loss is None else loss.item()
+        if value is not None and not math.isfinite(value):
+            raise _error("--lr", f"training diverged at step {step + 1} (loss {value}) with "
+                         f"--lr {args.lr}: lower it or lengthen --warmup (the last "
+                         "checkpoint is kept)")  # fmt: skip
         step += 1
         elapsed = time.monotonic() - start
-        history["train"].append({"step": step, "loss": loss.item(), "seconds": elapsed})
+        history["train"].append({"step": step, "loss": value, "seconds": elapsed})
         if progress is not None:
-            progress.advance(f"loss {loss.item():.3f}")
+            progress.advance("no scored position" if value is None else f"loss {value:.3f}")
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             paused = time.monotonic()
             metrics, _ = evaluate_calibrated(model, s, args, device)
@@ -499,8 +613,46 @@ def train(
         "held_out": final, "unigram": unigram, "history": history,
     }  # fmt: skip
     result["plot"] = _plot(args.out, history, f"{args.mode}, {args.attention}")
-    (args.out / log_name).write_text(json.dumps(result, indent=1))
+    (args.out / log_name).write_text(json.dumps(result, indent=1, allow_nan=False))
     return result
+
+
+def _load(path: Path, option: str, device: Any) -> dict[str, Any]:
+    """A checkpoint of this command (``weights_only``), or an error naming ``option``."""
+    import pickle
+
+    import torch
+
+    try:
+        saved = torch.load(path, weights_only=True, map_location=device)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise _error(option, f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise _error(option, f"{path} is not a checkpoint of favorcore protein")
+    return saved
+
+
+def _resumed(ckpt: Path, args: argparse.Namespace, device: Any) -> dict[str, Any] | None:
+    """The checkpoint that ``--resume`` continues (None: a new run), after checking that
+    every setting a result depends on is the one it was saved with."""
+    if not args.resume:
+        if ckpt.exists():
+            raise _error("--out", f"{args.out} already holds a run ({ckpt.name}): continue it "
+                         "with --resume, or choose another --out")  # fmt: skip
+        return None
+    if not ckpt.exists():
+        print(f"favorcore protein: note: no {ckpt}: starting a new run", file=sys.stderr)
+        return None
+    saved = _load(ckpt, "--resume", device)
+    now, then = _args_dict(args), saved["args"]
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if k not in RESUMABLE and now.get(k) != then.get(k))  # fmt: skip
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} {then.get(k)!r} (now {now.get(k)!r})"
+                         for k in changed)  # fmt: skip
+        raise _error("--resume", f"{ckpt} was saved with other settings: {what}. A resumed "
+                     "run keeps them: pass the saved values, or choose another --out")  # fmt: skip
+    return saved
 
 
 def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -522,15 +674,28 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument("--from", dest="source", type=Path, required=True, help="a training DIR")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--m", type=_positive, nargs="+", default=[64, 128, 256, 512, 1024])
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (0: none)")
+    p.add_argument("--steps", type=_count, default=100, help="fine-tuning steps (0: none)")
     p.add_argument("--fine-tune-m", type=_positive, default=256)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--lr", type=float, default=None, help="default: the source run's")
+    p.add_argument("--eval-every", type=_count, default=20,
+                   help="fine-tuning steps between evaluations (0: at the end only)")  # fmt: skip
+    p.add_argument("--lr", type=_rate, default=None, help="default: the source run's")
     p.add_argument("--threads", type=_positive, default=None)
     p.add_argument("--device", default=None)
     opts = p.parse_args(list(argv))
-    saved = torch.load(opts.source / "checkpoint.pt", weights_only=True, map_location="cpu")
+    source_ckpt = opts.source if opts.source.is_file() else opts.source / "checkpoint.pt"
+    if not source_ckpt.is_file():
+        raise _error("--from", f"{opts.source} holds no checkpoint.pt: pass the --out "
+                     "directory of a finished 'favorcore protein' run")  # fmt: skip
+    if (opts.out / "checkpoint.pt").exists():
+        raise _error("--out", f"{opts.out} already holds a run (checkpoint.pt): the "
+                     "conversion writes its own there; choose another --out")  # fmt: skip
+    _device(opts.device)
+    saved = _load(source_ckpt, "--from", "cpu")
     args = argparse.Namespace(**saved["args"])
+    if args.attention != "exact":
+        print(f"favorcore protein convert: note: {opts.source} was trained with "
+              f"--attention {args.attention}; its attention is swapped for new draws",
+              file=sys.stderr)  # fmt: skip
     args.fasta = [Path(f) for f in args.fasta] if args.fasta else None
     args.out, args.resume, args.budget_seconds = opts.out, False, None
     args.threads = opts.threads or args.threads
@@ -568,7 +733,7 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
             rows.append({"attention": "performer-pytorch", "m": m, **metrics,
                          "accuracy_drop": base["accuracy"] - metrics["accuracy"]})  # fmt: skip
     result: dict[str, Any] = {
-        "source": str(opts.source), "source_attention": args.attention, "mode": args.mode,
+        "source": str(source_ckpt.parent), "source_attention": args.attention, "mode": args.mode,
         "source_metrics": base, "unigram": _unigram, "converted": rows,
     }  # fmt: skip
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -650,22 +815,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             "favorcore protein needs PyTorch: pip install '.[protein]' (from a clone of favorcore)"
         ) from None
-    if argv[:1] == ["convert"]:
-        result = convert(argv[1:])
-        print(
-            json.dumps(
-                {"source": result["source_metrics"], "converted": result["converted"]}, indent=1
-            )
-        )
-        return 0
-    args = _parser().parse_args(argv)
-    if args.no_segments and not args.concat:
-        raise SystemExit("--no-segments needs --concat")
-    if args.model == "bert" and (args.mode != "mlm" or args.concat):
-        raise SystemExit("--model bert is a masked LM of single proteins: use --mode mlm "
-                         "without --concat")  # fmt: skip
-    args.argv = argv
-    result = train(args)
+    try:
+        if argv[:1] == ["convert"]:
+            result = convert(argv[1:])
+            print(json.dumps({"source": result["source_metrics"],
+                              "converted": result["converted"]}, indent=1))  # fmt: skip
+            return 0
+        args = _check(_parser().parse_args(argv))
+        args.argv = argv
+        result = train(args)
+    except KeyboardInterrupt:
+        hint = ("" if argv[:1] == ["convert"] else
+                "; the run continues from its last checkpoint (--checkpoint-every) with --resume")  # fmt: skip
+        print(f"\nfavorcore protein: interrupted{hint}", file=sys.stderr)
+        return 130
     print(
         json.dumps(
             {k: result[k] for k in ("steps", "stopped", "seconds_per_step", "held_out", "unigram")},

@@ -48,29 +48,60 @@ PYHMMER_RANGE = ">=0.10,<0.13"
 
 
 def read_fasta(path: str | Path) -> list[tuple[str, str]]:
-    """``(header, sequence)`` of every record of a FASTA file (``.gz`` too); a trailing
-    stop ``*`` is dropped, letters are upper-cased, white space removed."""
+    """``(header, sequence)`` of every record of a FASTA file, plain or gzipped (recognised
+    by its first bytes, whatever its name): letters are upper-cased, white space and
+    alignment gaps (``-``, ``.``) removed, a trailing stop ``*`` dropped (one inside a
+    sequence becomes X when tokenized).
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read as text FASTA: sequence data before the first header,
+        a character that is neither a letter, a gap nor ``*`` (naming the record), a
+        damaged gzip stream or bytes that are not text.
+    OSError
+        If the file is missing or is a directory.
+    """
     p = Path(path)
-    opener: Any = gzip.open if p.suffix == ".gz" else open
+    with open(p, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
     records: list[tuple[str, str]] = []
     header: str | None = None
     parts: list[str] = []
-    with opener(p, "rt") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith(";"):
-                continue
-            if line.startswith(">"):
-                if header is not None:
-                    records.append((header, "".join(parts).upper().rstrip("*")))
-                header, parts = line[1:].strip(), []
-            elif header is None:
-                raise ValueError(f"{p}: sequence data before the first '>' header")
-            else:
-                parts.append("".join(line.split()))
-    if header is not None:
-        records.append((header, "".join(parts).upper().rstrip("*")))
+
+    def finish() -> None:
+        if header is not None:
+            seq = "".join(parts).upper().rstrip("*")
+            bad = sorted({c for c in seq if not (c.isascii() and c.isalpha()) and c != "*"})
+            if bad:
+                raise ValueError(
+                    f"{p}: record {header.split()[0] if header else '(no name)'!r} holds "
+                    f"{''.join(bad)!r}: expected amino-acid letters (gaps - and . and a stop "
+                    "* are accepted)"
+                )
+            records.append((header, seq))
+
+    try:
+        with gzip.open(p, "rt") if gzipped else open(p) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line or line.startswith(";"):
+                    continue
+                if line.startswith(">"):
+                    finish()
+                    header, parts = line[1:].strip(), []
+                elif header is None:
+                    raise ValueError(f"{p}: sequence data before the first '>' header: not FASTA")
+                else:
+                    parts.append(line.translate(_DROP))
+    except (EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{p}: not a readable FASTA file ({type(e).__name__}: {e})") from None
+    finish()
     return records
+
+
+#: characters removed from sequence lines: white space and alignment gaps
+_DROP = str.maketrans("", "", " \t\r\n\v\f-.")
 
 
 def default_fasta() -> Path:
@@ -95,7 +126,8 @@ def default_fasta() -> Path:
 class Tokenizer:
     """Specials (pad 0, mask 1, cls/bos 2, eos/sep 3), the 20 amino acids, then B Z X U O J.
 
-    Unknown letters (and ``-``, ``.``, ``*`` inside a sequence) become X.
+    Any other character (such as a ``*`` inside a sequence) becomes X; :func:`read_fasta`
+    removes gaps and rejects characters that are not letters before.
     """
 
     specials = ("<pad>", "<mask>", "<cls>", "<eos>")
@@ -155,8 +187,8 @@ def single_examples(
     seqs: Sequence[str], tok: Tokenizer, length: int, *, window: bool = False
 ) -> list[Example]:
     """One example per protein, ``<cls> seq <eos>`` clipped to ``length`` tokens; with
-    ``window``, every consecutive window of ``length`` tokens of each protein instead (all
-    residues are used)."""
+    ``window``, each protein cut into consecutive windows of ``length`` tokens instead (the
+    last one shorter; all residues are used)."""
     out: list[Example] = []
     for j, s in enumerate(seqs):
         ids = tok.encode(s)
