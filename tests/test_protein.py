@@ -39,6 +39,9 @@ def test_read_fasta(fasta, tmp_path):
     unnamed = tmp_path / "gzipped.fa"  # recognised by its bytes, not its name
     unnamed.write_bytes(gz.read_bytes())
     assert data.read_fasta(unnamed) == records
+    bom = tmp_path / "bom.faa"  # written by some Windows editors
+    bom.write_text(FASTA, encoding="utf-8-sig")
+    assert data.read_fasta(bom) == records
     assert records[2][1] == "BZXUOJ*A"  # gaps - and . removed, the final stop dropped
     bad = tmp_path / "bad.faa"
     bad.write_text("MKT\n>p\nA\n")

@@ -189,6 +189,9 @@ def _bad_files(tmp_path):
         (["--dropout", "2"], "--dropout", "probability"),
         (["--budget-seconds", "0"], "--budget-seconds", "positive"),
         (["--device", "tpu9"], "--device", "not a torch device"),
+        (["--device", "meta"], "--device", "cannot hold"),
+        (["--out", "{tmp}/empty.fa"], "--out", "is a file"),
+        (["--out", "{tmp}/empty.fa/run"], "--out", "is a file"),
     ],
 )
 def test_cli_errors_name_the_argument(fasta, tmp_path, capsys, extra, option, expected):
@@ -242,9 +245,34 @@ def test_convert_refuses_a_missing_source_and_a_used_out(fasta, tmp_path, capsys
             main(["convert", "--from", str(source), "--out", str(out), "--m", "16"])
         assert f"argument {option}" in str(e.value.code)
     (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    junk = tmp_path / "junk" / "checkpoint.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"argument --from: .* is not a checkpoint"):
+        main(["convert", "--from", str(junk), "--out", str(tmp_path / "c2")])
+    whole = (tmp_path / "exact" / "checkpoint.pt").read_bytes()
+    junk.write_bytes(whole[: len(whole) // 2] + whole[-4096:])  # a zip with damaged members
     with pytest.raises(SystemExit, match=r"argument --from: .* cannot be read"):
-        main(["convert", "--from", str(tmp_path / "junk"), "--out", str(tmp_path / "c2")])
+        main(["convert", "--from", str(junk), "--out", str(tmp_path / "c2")])
+    assert not (tmp_path / "c2").exists()
+    capsys.readouterr()
+
+
+def test_convert_reads_moved_fasta_files_from_its_own_option(fasta, tmp_path, capsys):
+    moved = tmp_path / "data" / "tiny.faa"
+    moved.parent.mkdir()
+    moved.write_bytes(fasta.read_bytes())
+    main(["--fasta", str(moved), "--out", str(tmp_path / "exact"), *TINY, "--steps", "1",
+          "--attention", "exact"])  # fmt: skip
+    moved.rename(tmp_path / "data" / "elsewhere.faa")
+    argv = ["convert", "--from", str(tmp_path / "exact"), "--m", "16", "--steps", "0"]
+    with pytest.raises(SystemExit, match=r"argument --fasta: .*tiny\.faa"):
+        main([*argv, "--out", str(tmp_path / "c1")])
+    main(
+        [*argv, "--out", str(tmp_path / "c1"), "--fasta", str(tmp_path / "data" / "elsewhere.faa")]
+    )
+    assert (tmp_path / "c1" / "conversion.json").exists()
+    with pytest.raises(SystemExit, match=r"argument --out: .*conversion\.json"):
+        main([*argv, "--out", str(tmp_path / "c1")])  # a conversion is not overwritten
     capsys.readouterr()
 
 
@@ -263,10 +291,17 @@ def test_a_diverging_run_stops_with_a_message(fasta, tmp_path, monkeypatch, caps
     from favorcore_backends.protein import cli
 
     monkeypatch.setattr(cli, "train_step", lambda *a: torch.tensor(float("nan")))
-    message = _message(["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--steps", "3"],
-                       capsys)  # fmt: skip
-    assert "argument --lr" in message
-    assert "diverged at step 1" in message
+    argv = ["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--steps", "3"]
+    message = _message(argv, capsys)
+    assert "argument --lr: training diverged after 0 steps (loss nan)" in message
+
+    def failed(*a):  # what FAVOR++'s balance meets in the activations of a diverged model
+        raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+
+    monkeypatch.setattr(cli, "train_step", failed)
+    message = _message(argv, capsys)
+    assert "argument --lr: training diverged after 0 steps (linalg.eigh" in message
+    assert not tmp_path.joinpath("checkpoint.pt").exists()
 
 
 def test_evaluation_without_a_scored_position_says_so(fasta, tmp_path):
@@ -283,12 +318,35 @@ def test_evaluation_without_a_scored_position_says_so(fasta, tmp_path):
 def test_interrupt_ends_with_a_hint(fasta, tmp_path, monkeypatch, capsys):
     from favorcore_backends.protein import cli
 
+    real = cli.train_step
+
     def interrupted(*a):
-        raise KeyboardInterrupt
+        if a[5] == 2:  # (the step)
+            raise KeyboardInterrupt
+        return real(*a)
 
     monkeypatch.setattr(cli, "train_step", interrupted)
-    assert main(["--fasta", str(fasta), "--out", str(tmp_path), *TINY]) == 130
-    assert "--resume" in capsys.readouterr().err
+    argv = ["--fasta", str(fasta), *TINY, "--steps", "5"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 130
+    assert "no checkpoint was written (--checkpoint-every" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--checkpoint-every", "1"]) == 130
+    assert "checkpoint.pt continues with --resume" in capsys.readouterr().err
+    assert _state(tmp_path / "b")["step"] == 2
+
+
+def test_a_resumed_run_needs_more_steps_than_it_has(fasta, tmp_path, capsys):
+    _run(fasta, tmp_path, "--steps", "3")
+    message = _message(["--fasta", str(fasta), "--out", str(tmp_path), *TINY, "--steps", "2",
+                        "--resume"], capsys)  # fmt: skip
+    assert "argument --steps" in message
+    assert "at step 3" in message
+
+
+def test_a_diverged_evaluation_is_refused():
+    from favorcore_backends.protein import cli
+
+    with pytest.raises(SystemExit, match="argument --lr: the held-out cross-entropy"):
+        cli._summary(np.array([[0.0, 800.0, 1.0]]), 0)  # (exp(800) overflows)
 
 
 def test_bert_trains_and_converts(fasta, tmp_path, capsys):

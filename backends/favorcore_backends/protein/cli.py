@@ -19,6 +19,7 @@ model briefly and writes ``conversion.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,7 +28,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def _number(kind: type, test: Any, expected: str) -> Any:
 
 
 _positive = _number(int, lambda v: v > 0, "a positive integer")
-_count = _number(int, lambda v: v >= 0, "a non-negative integer (0: off)")
+_count = _number(int, lambda v: v >= 0, "a non-negative integer")
 _rate = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _seconds = _number(float, lambda v: v > 0, "a positive number of seconds")
 _fraction = _number(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
@@ -61,9 +62,9 @@ _probability = _number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 _decay = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
 
 
-def _error(option: str, message: str) -> SystemExit:
+def _error(option: str, message: str, prog: str = "favorcore protein") -> SystemExit:
     """The exception that ends the command with ``message`` about ``option``."""
-    return SystemExit(f"favorcore protein: error: argument {option}: {message}")
+    return SystemExit(f"{prog}: error: argument {option}: {message}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,8 +149,21 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
         raise _error("--length", f"expected at least 8 tokens (<cls>, residues, <eos>), got "
                      f"{args.length}")  # fmt: skip
     _device(args.device)
+    _usable_out(args.out)
     args.fasta = None if not args.fasta else [Path(f).expanduser().resolve() for f in args.fasta]
     return args
+
+
+def _usable_out(out: Path, prog: str = "favorcore protein") -> None:
+    """An error naming --out unless ``out`` is a directory or can become one (it is made
+    when the first file is written, so a run that cannot start leaves nothing)."""
+    for where in (out, *out.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise _error("--out", f"{where} is a file, not a directory", prog)
+            if not os.access(where, os.W_OK):
+                raise _error("--out", f"{where} is not writable", prog)
+            return
 
 
 def _device(name: str | None) -> Any:
@@ -166,6 +180,13 @@ def _device(name: str | None) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _error("--device", f"{name!r}: this PyTorch sees no CUDA device (a CPU build, or "
                      "no GPU); use --device cpu")  # fmt: skip
+    try:
+        usable = device.type != "meta" and torch.zeros(1, device=device).item() == 0
+    except (RuntimeError, AssertionError):  # (a CPU build asserts for some device types)
+        usable = False
+    if not usable:
+        raise _error("--device", f"{name!r} cannot hold this run's tensors in this PyTorch; "
+                     "use --device cpu")  # fmt: skip
     return device
 
 
@@ -340,6 +361,9 @@ def _bootstrap(
 def _summary(per_example: np.ndarray, seed: int) -> dict[str, Any]:
     total = per_example.sum(axis=0)
     n = int(total[2])
+    if not total[1] / max(n, 1) < 500:  # (exp overflows near 709; no model gets near 500)
+        raise _error("--lr", f"the held-out cross-entropy is {total[1] / max(n, 1):.4g} nats: "
+                     "the model diverged; lower --lr or lengthen --warmup")  # fmt: skip
     acc_ci, ppl_ci = _bootstrap(per_example, seed)
     return {
         "accuracy": float(total[0] / max(n, 1)),
@@ -456,6 +480,7 @@ def evaluate_calibrated(
 def _save(path: Path, payload: dict[str, Any]) -> None:
     import torch
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -535,7 +560,6 @@ def train(
     saved = _resumed(ckpt, args, device)
     torch.manual_seed(args.seed)
     s = _setup(args) if s is None else s
-    args.out.mkdir(parents=True, exist_ok=True)
     model = (_model(args, len(s.tok)) if model is None else model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batches = Batches(s.train, args.batch_size, s.tok, args.seed)
@@ -548,8 +572,19 @@ def train(
         batches.load_state(saved["data"])
         torch.set_rng_state(saved["rng"])
         step, elapsed, history = int(saved["step"]), float(saved["elapsed"]), saved["history"]
+        if step > args.steps:
+            raise _error("--steps", f"{ckpt} is at step {step}, past --steps {args.steps}: "
+                         "give the total number of steps, more than it has done")  # fmt: skip
+    kept = [step] if saved is not None else []  # the steps of the checkpoints written
+
+    def diverged(why: str) -> SystemExit:
+        where = (f"the checkpoint of step {kept[-1]} is kept" if kept else
+                 "no checkpoint was written: --checkpoint-every N keeps one")  # fmt: skip
+        return _error("--lr", f"training diverged after {step} steps ({why}) with --lr "
+                      f"{args.lr}: lower it or lengthen --warmup ({where})")  # fmt: skip
 
     def checkpoint() -> None:
+        kept.append(step)
         _save(ckpt, {
             "model": model.state_dict(), "favor": model.favor_state(),
             "optimizer": opt.state_dict(), "data": batches.state(), "rng": torch.get_rng_state(),
@@ -568,34 +603,33 @@ def train(
     start = time.monotonic() - elapsed
     model.train()
     stopped = "steps"
-    while step < args.steps:
-        if args.budget_seconds is not None and time.monotonic() - start >= args.budget_seconds:
-            stopped = "budget"
-            break
-        batch = next(batches)
-        if calibrates and step % args.calibrate_every == 0:
-            model.calibrate(batch.tokens.to(device), key_mask=batch.key_mask.to(device),
-                            segment_ids=None if batch.segment_ids is None
-                            else batch.segment_ids.to(device))  # fmt: skip
-        loss = train_step(model, opt, batch, s, args, step, device)
-        value = None if loss is None else loss.item()
-        if value is not None and not math.isfinite(value):
-            raise _error("--lr", f"training diverged at step {step + 1} (loss {value}) with "
-                         f"--lr {args.lr}: lower it or lengthen --warmup (the last "
-                         "checkpoint is kept)")  # fmt: skip
-        step += 1
-        elapsed = time.monotonic() - start
-        history["train"].append({"step": step, "loss": value, "seconds": elapsed})
-        if progress is not None:
-            progress.advance("no scored position" if value is None else f"loss {value:.3f}")
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            paused = time.monotonic()
-            metrics, _ = evaluate_calibrated(model, s, args, device)
-            history["eval"].append({"step": step, "seconds": elapsed, **metrics})
-            start += time.monotonic() - paused  # (training time excludes evaluations)
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint()
-    final, unigram = evaluate_calibrated(model, s, args, device)
+    with _linalg_failure_as(diverged):  # (FAVOR++'s balance of diverged activations)
+        while step < args.steps:
+            if args.budget_seconds is not None and time.monotonic() - start >= args.budget_seconds:
+                stopped = "budget"
+                break
+            batch = next(batches)
+            if calibrates and step % args.calibrate_every == 0:
+                model.calibrate(batch.tokens.to(device), key_mask=batch.key_mask.to(device),
+                                segment_ids=None if batch.segment_ids is None
+                                else batch.segment_ids.to(device))  # fmt: skip
+            loss = train_step(model, opt, batch, s, args, step, device)
+            value = None if loss is None else loss.item()
+            if value is not None and not math.isfinite(value):
+                raise diverged(f"loss {value}")
+            step += 1
+            elapsed = time.monotonic() - start
+            history["train"].append({"step": step, "loss": value, "seconds": elapsed})
+            if progress is not None:
+                progress.advance("no scored position" if value is None else f"loss {value:.3f}")
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                paused = time.monotonic()
+                metrics, _ = evaluate_calibrated(model, s, args, device)
+                history["eval"].append({"step": step, "seconds": elapsed, **metrics})
+                start += time.monotonic() - paused  # (training time excludes evaluations)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                checkpoint()
+        final, unigram = evaluate_calibrated(model, s, args, device)
     if not history["eval"] or history["eval"][-1]["step"] != step:
         history["eval"].append({"step": step, "seconds": elapsed, **final})
     checkpoint()
@@ -617,19 +651,47 @@ def train(
     return result
 
 
-def _load(path: Path, option: str, device: Any) -> dict[str, Any]:
-    """A checkpoint of this command (``weights_only``), or an error naming ``option``."""
-    import pickle
-
+@contextlib.contextmanager
+def _linalg_failure_as(error: Any) -> Iterator[None]:
+    """Raise ``error(reason)`` for a linear-algebra failure inside (the eigendecomposition
+    of FAVOR++'s balance fails on the non-finite activations of a diverged model)."""
     import torch
 
     try:
+        yield
+    except torch.linalg.LinAlgError as e:  # type: ignore[attr-defined]
+        raise error(str(e).split("\n")[0]) from None
+
+
+def _load(path: Path, option: str, device: Any, prog: str = "favorcore protein") -> dict[str, Any]:
+    """A checkpoint of this command (``weights_only``), or an error naming ``option``."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(path):  # (torch.save writes a zip archive)
+        raise _error(option, f"{path} is not a checkpoint of favorcore protein", prog)
+    try:
         saved = torch.load(path, weights_only=True, map_location=device)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        raise _error(option, f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+        reason = f"{type(e).__name__}: {e}".split("\n")[0]
+        raise _error(option, f"{path} cannot be read ({reason})", prog) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
-        raise _error(option, f"{path} is not a checkpoint of favorcore protein")
+        raise _error(option, f"{path} is not a checkpoint of favorcore protein", prog)
     return saved
+
+
+def _as_option(name: str, value: Any) -> str:
+    """``value`` of the setting ``name`` as it is written on the command line."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    if isinstance(value, list):
+        return " ".join(f"{flag} {v}" for v in value)
+    return f"{flag} {value}"
 
 
 def _resumed(ckpt: Path, args: argparse.Namespace, device: Any) -> dict[str, Any] | None:
@@ -648,10 +710,10 @@ def _resumed(ckpt: Path, args: argparse.Namespace, device: Any) -> dict[str, Any
     changed = sorted(k for k in now.keys() | then.keys()
                      if k not in RESUMABLE and now.get(k) != then.get(k))  # fmt: skip
     if changed:
-        what = ", ".join(f"--{k.replace('_', '-')} {then.get(k)!r} (now {now.get(k)!r})"
+        what = "; ".join(f"saved with {_as_option(k, then.get(k))}, now {_as_option(k, now.get(k))}"
                          for k in changed)  # fmt: skip
-        raise _error("--resume", f"{ckpt} was saved with other settings: {what}. A resumed "
-                     "run keeps them: pass the saved values, or choose another --out")  # fmt: skip
+        raise _error("--resume", f"{ckpt} was made with other settings ({what}): a resumed "
+                     "run keeps them; rerun with the saved ones, or choose another --out")  # fmt: skip
     return saved
 
 
@@ -672,7 +734,10 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
 
     p = argparse.ArgumentParser(prog="favorcore protein convert")
     p.add_argument("--from", dest="source", type=Path, required=True, help="a training DIR")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a new directory")
+    p.add_argument("--fasta", action="append", type=Path,
+                   help="the source run's FASTA files, where they have moved (default: the "
+                        "paths it saved)")  # fmt: skip
     p.add_argument("--m", type=_positive, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--steps", type=_count, default=100, help="fine-tuning steps (0: none)")
     p.add_argument("--fine-tune-m", type=_positive, default=256)
@@ -682,16 +747,23 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument("--threads", type=_positive, default=None)
     p.add_argument("--device", default=None)
     opts = p.parse_args(list(argv))
+    prog = "favorcore protein convert"
     source_ckpt = opts.source if opts.source.is_file() else opts.source / "checkpoint.pt"
     if not source_ckpt.is_file():
-        raise _error("--from", f"{opts.source} holds no checkpoint.pt: pass the --out "
-                     "directory of a finished 'favorcore protein' run")  # fmt: skip
-    if (opts.out / "checkpoint.pt").exists():
-        raise _error("--out", f"{opts.out} already holds a run (checkpoint.pt): the "
-                     "conversion writes its own there; choose another --out")  # fmt: skip
+        what = "holds no checkpoint.pt" if opts.source.exists() else "does not exist"
+        raise _error("--from", f"{opts.source} {what}: pass the --out directory of a "
+                     "finished 'favorcore protein' run", prog)  # fmt: skip
+    for name in ("checkpoint.pt", "conversion.json"):
+        if (opts.out / name).exists():
+            raise _error("--out", f"{opts.out} already holds a run ({name}): choose a new "
+                         "directory", prog)  # fmt: skip
+    _usable_out(opts.out, prog)
     _device(opts.device)
-    saved = _load(source_ckpt, "--from", "cpu")
+    saved = _load(source_ckpt, "--from", "cpu", prog)
     args = argparse.Namespace(**saved["args"])
+    args.device = opts.device  # (not the source's: it may have trained elsewhere)
+    if opts.fasta:
+        args.fasta = [str(f.expanduser().resolve()) for f in opts.fasta]
     if args.attention != "exact":
         print(f"favorcore protein convert: note: {opts.source} was trained with "
               f"--attention {args.attention}; its attention is swapped for new draws",
@@ -699,11 +771,9 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     args.fasta = [Path(f) for f in args.fasta] if args.fasta else None
     args.out, args.resume, args.budget_seconds = opts.out, False, None
     args.threads = opts.threads or args.threads
-    if opts.device:
-        args.device = opts.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     s = _setup(args)
     swap: Any = exact_to_favor
     if getattr(args, "model", "performer") == "bert":
@@ -809,24 +879,28 @@ def _performer_pytorch_attention(
 def main(argv: Sequence[str] | None = None) -> int:
     """``favorcore protein [convert] ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
+    ckpt = None
     try:
-        import torch  # noqa: F401
-    except ModuleNotFoundError:
-        raise SystemExit(
-            "favorcore protein needs PyTorch: pip install '.[protein]' (from a clone of favorcore)"
-        ) from None
-    try:
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError:
+            raise SystemExit(
+                "favorcore protein needs PyTorch: pip install '.[protein]' (from a clone of "
+                "favorcore)"
+            ) from None
         if argv[:1] == ["convert"]:
             result = convert(argv[1:])
             print(json.dumps({"source": result["source_metrics"],
                               "converted": result["converted"]}, indent=1))  # fmt: skip
             return 0
         args = _check(_parser().parse_args(argv))
-        args.argv = argv
+        args.argv, ckpt = argv, args.out / "checkpoint.pt"
         result = train(args)
     except KeyboardInterrupt:
-        hint = ("" if argv[:1] == ["convert"] else
-                "; the run continues from its last checkpoint (--checkpoint-every) with --resume")  # fmt: skip
+        hint = ""
+        if ckpt is not None:
+            hint = (f"; {ckpt} continues with --resume" if ckpt.exists() else
+                    "; no checkpoint was written (--checkpoint-every N keeps one)")  # fmt: skip
         print(f"\nfavorcore protein: interrupted{hint}", file=sys.stderr)
         return 130
     print(

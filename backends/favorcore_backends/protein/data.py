@@ -82,7 +82,11 @@ def read_fasta(path: str | Path) -> list[tuple[str, str]]:
             records.append((header, seq))
 
     try:
-        with gzip.open(p, "rt") if gzipped else open(p) as fh:
+        with (
+            gzip.open(p, "rt", encoding="utf-8-sig")
+            if gzipped
+            else open(p, encoding="utf-8-sig") as fh
+        ):
             for line in fh:
                 line = line.strip()
                 if not line or line.startswith(";"):
