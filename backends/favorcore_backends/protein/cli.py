@@ -132,8 +132,9 @@ RESUMABLE = frozenset({"steps", "budget_seconds", "resume", "threads", "device",
 
 
 def _check(args: argparse.Namespace) -> argparse.Namespace:
-    """Options that are wrong together (each alone parsed); FASTA paths made absolute, so
-    that a conversion run from another directory finds them."""
+    """``args`` checked where argparse cannot (options wrong together, the model's shape,
+    the minimal length, a usable --device and --out), with the FASTA paths made absolute
+    so that a conversion run from another directory finds them."""
     if args.no_segments and not args.concat:
         raise _error("--no-segments", "needs --concat (it packs proteins without boundaries)")
     if args.window and args.concat:

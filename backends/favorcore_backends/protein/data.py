@@ -130,8 +130,8 @@ def default_fasta() -> Path:
 class Tokenizer:
     """Specials (pad 0, mask 1, cls/bos 2, eos/sep 3), the 20 amino acids, then B Z X U O J.
 
-    Any other character (such as a ``*`` inside a sequence) becomes X; :func:`read_fasta`
-    removes gaps and rejects characters that are not letters before.
+    Any other character (such as a ``*`` inside a sequence) becomes X. :func:`read_fasta`
+    has already removed gaps and refused other characters that are not letters.
     """
 
     specials = ("<pad>", "<mask>", "<cls>", "<eos>")
